@@ -1,0 +1,153 @@
+//! `hark bench …`: measurements that print tables (never timed assertions in tests).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::config::{Config, VadKind};
+use crate::media::codec::encode_pcm16;
+use crate::media::vad::SileroModel;
+use crate::media::{AudioFormat, AudioPipeline};
+use crate::session::VadFactory;
+
+/// 20 ms of 24 kHz audio: what Realtime clients typically append at a time.
+const CHUNK_SAMPLES: usize = 480;
+
+/// A speech-like test signal: 1.2 s of harmonic bursts with syllable-rate amplitude
+/// modulation, then 0.8 s of low noise, repeated. Deterministic.
+pub fn test_signal(rate: u32, seconds: u32) -> Vec<f32> {
+    let n = (rate * seconds) as usize;
+    let mut rng = fastrand::Rng::with_seed(7);
+    (0..n)
+        .map(|i| {
+            let t = i as f32 / rate as f32;
+            let cycle = t % 2.0;
+            let noise = (rng.f32() - 0.5) * 0.002;
+            if cycle < 1.2 {
+                let env = (std::f32::consts::PI * 4.0 * t).sin().abs();
+                let f0 = 140.0 + 20.0 * (t * 3.0).sin();
+                let voiced: f32 = (1..8).map(|h| (2.0 * std::f32::consts::PI * f0 * h as f32 * t).sin() / h as f32).sum();
+                0.25 * env * voiced + noise
+            } else {
+                noise
+            }
+        })
+        .collect()
+}
+
+fn process_cpu_seconds() -> f64 {
+    // utime and stime are fields 14 and 15 of /proc/self/stat, in clock ticks (100 Hz on Linux).
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let after_comm = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[idx]
+}
+
+struct Row {
+    streams: usize,
+    paced: bool,
+    frames_per_s: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_per_stream: f64,
+    rt_factor: f64,
+}
+
+/// Runs `streams` 24 kHz streams through decode → resample → VAD → chunking.
+pub fn pipeline(config: &Config, stream_counts: &[usize], seconds: u32, realtime: bool) -> anyhow::Result<()> {
+    let factory = match config.audio.vad {
+        VadKind::Silero => VadFactory::Silero(
+            SileroModel::load(&config.onnxruntime_library(), &config.resolve(&config.audio.silero_model)).context("loading Silero VAD")?,
+        ),
+        VadKind::Energy => VadFactory::Energy,
+    };
+    let signal = Arc::new(encode_pcm16(&test_signal(24_000, seconds)));
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("hark bench pipeline: 24 kHz pcm16 → rubato 16 kHz → {:?} VAD → 640-sample frames", config.audio.vad);
+    println!("{seconds} s of audio per stream, appended in 20 ms chunks; {cores} CPU cores\n");
+    let mut rows = Vec::new();
+    for &n in stream_counts {
+        if realtime {
+            rows.push(run_once(&factory, &signal, n, true)?);
+        }
+        rows.push(run_once(&factory, &signal, n, false)?);
+    }
+    println!(
+        "| streams | pacing    | model frames/s | p50 per 20 ms chunk | p99 per 20 ms chunk | CPU per stream (% of a core) | x real time |"
+    );
+    println!("|--------:|-----------|---------------:|--------------------:|--------------------:|-----------------------------:|------------:|");
+    for r in rows {
+        println!(
+            "| {:>7} | {:<9} | {:>14.0} | {:>16.1} µs | {:>16.1} µs | {:>27.2}% | {:>11.1} |",
+            r.streams,
+            if r.paced { "real time" } else { "flat out" },
+            r.frames_per_s,
+            r.p50.as_secs_f64() * 1e6,
+            r.p99.as_secs_f64() * 1e6,
+            r.cpu_per_stream * 100.0,
+            r.rt_factor,
+        );
+    }
+    Ok(())
+}
+
+fn run_once(factory: &VadFactory, signal: &Arc<Vec<u8>>, streams: usize, paced: bool) -> anyhow::Result<Row> {
+    let audio_seconds = signal.len() as f64 / 2.0 / 24_000.0;
+    let cpu0 = process_cpu_seconds();
+    let t0 = Instant::now();
+    let mut handles = Vec::new();
+    for s in 0..streams {
+        let vad = factory.make()?;
+        let signal = signal.clone();
+        handles.push(std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, usize)> {
+            let mut p = AudioPipeline::new(AudioFormat::Pcm16 { rate: 24_000 }, Some(vad))?;
+            let mut lat = Vec::with_capacity(signal.len() / (CHUNK_SAMPLES * 2) + 1);
+            let mut frames = 0;
+            // Stagger starts so paced streams don't all wake at once.
+            let start = Instant::now() + Duration::from_micros((s as u64 * 20_000 / streams.max(1) as u64) % 20_000);
+            for (i, chunk) in signal.chunks(CHUNK_SAMPLES * 2).enumerate() {
+                if paced {
+                    let due = start + Duration::from_millis(20 * i as u64);
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                }
+                let t = Instant::now();
+                let out = p.push_bytes(chunk)?;
+                lat.push(t.elapsed());
+                frames += out.frames.len();
+            }
+            Ok((lat, frames))
+        }));
+    }
+    let mut all = Vec::new();
+    let mut frames = 0;
+    for h in handles {
+        let (lat, f) = h.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+        all.extend(lat);
+        frames += f;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = process_cpu_seconds() - cpu0;
+    all.sort_unstable();
+    Ok(Row {
+        streams,
+        paced,
+        frames_per_s: frames as f64 / wall,
+        p50: percentile(&all, 0.50),
+        p99: percentile(&all, 0.99),
+        cpu_per_stream: cpu / wall / streams as f64,
+        rt_factor: audio_seconds * streams as f64 / wall,
+    })
+}

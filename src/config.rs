@@ -1,0 +1,458 @@
+//! `config.yaml`: the daemon's settings, with `HARK_SECTION__KEY` environment overrides.
+//!
+//! Every key is documented in the shipped `config.yaml`. Unknown keys are errors (a typo
+//! should never silently fall back to a default), and every error names the file, the
+//! line and the field.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}:{line}: {message}")]
+    Parse { path: String, line: usize, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("environment override {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub backend: BackendConfig,
+    pub audio: AudioConfig,
+    pub session: SessionDefaults,
+    pub agents_dir: PathBuf,
+    pub tools_dir: PathBuf,
+    pub log: LogConfig,
+    /// Where the file was read from; relative paths in it are resolved against its folder.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Keys clients must present (`Authorization: Bearer KEY` or the
+    /// `openai-insecure-api-key.KEY` subprotocol). Empty: no authentication.
+    pub api_keys: Vec<String>,
+    pub max_sessions: usize,
+    /// Largest WebSocket message accepted from a client, in bytes.
+    pub max_message_bytes: usize,
+    /// How long open sessions get to finish when the daemon stops.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    pub kind: BackendKind,
+    pub openai: OpenAiBackendConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    Openai,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiBackendConfig {
+    pub base_url: String,
+    /// Sent as `Authorization: Bearer …` when non-empty. `${ENV:NAME}` reads a variable.
+    pub api_key: String,
+    pub model: String,
+    /// How user audio is sent: `input_audio` (OpenAI, llama.cpp, vLLM) or `audio_url` (data URI).
+    pub audio_part: AudioPartStyle,
+    pub connect_timeout_ms: u64,
+    /// Time allowed until the first streamed byte.
+    pub first_token_timeout_ms: u64,
+    /// Longest gap between two streamed chunks.
+    pub idle_timeout_ms: u64,
+    pub max_tokens: u32,
+    pub temperature: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudioPartStyle {
+    InputAudio,
+    AudioUrl,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AudioConfig {
+    pub vad: VadKind,
+    /// ONNX Runtime shared library; `ORT_DYLIB_PATH` takes precedence when set.
+    pub onnxruntime_library: PathBuf,
+    pub silero_model: PathBuf,
+    /// Cap on audio held in one session's input buffer.
+    pub max_buffer_seconds: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VadKind {
+    Silero,
+    /// RMS-energy detector: no model needed, much less robust to noise. Only when asked for.
+    Energy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionDefaults {
+    pub model: String,
+    pub instructions: String,
+    pub output_modalities: Vec<String>,
+    pub turn_detection: Option<TurnDetectionConfig>,
+    pub max_output_tokens: Option<u32>,
+    pub temperature: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TurnDetectionConfig {
+    #[serde(rename = "type", default = "server_vad")]
+    pub kind: String,
+    #[serde(default = "d_threshold")]
+    pub threshold: f32,
+    #[serde(default = "d_prefix")]
+    pub prefix_padding_ms: u32,
+    #[serde(default = "d_silence")]
+    pub silence_duration_ms: u32,
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u32>,
+    #[serde(default = "d_true")]
+    pub create_response: bool,
+    #[serde(default = "d_true")]
+    pub interrupt_response: bool,
+}
+
+fn server_vad() -> String {
+    "server_vad".into()
+}
+fn d_threshold() -> f32 {
+    0.5
+}
+fn d_prefix() -> u32 {
+    300
+}
+fn d_silence() -> u32 {
+    500
+}
+fn d_true() -> bool {
+    true
+}
+
+impl Default for TurnDetectionConfig {
+    fn default() -> Self {
+        Self {
+            kind: server_vad(),
+            threshold: d_threshold(),
+            prefix_padding_ms: d_prefix(),
+            silence_duration_ms: d_silence(),
+            idle_timeout_ms: None,
+            create_response: true,
+            interrupt_response: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `hark=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            backend: BackendConfig::default(),
+            audio: AudioConfig::default(),
+            session: SessionDefaults::default(),
+            agents_dir: "agents".into(),
+            tools_dir: "tools".into(),
+            log: LogConfig::default(),
+            source: None,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into() }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8765,
+            api_keys: Vec::new(),
+            max_sessions: 64,
+            max_message_bytes: crate::server::protocol::MAX_CLIENT_MESSAGE_BYTES,
+            shutdown_grace_ms: 2000,
+        }
+    }
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self { kind: BackendKind::Openai, openai: OpenAiBackendConfig::default() }
+    }
+}
+
+impl Default for OpenAiBackendConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:8080/v1".into(),
+            api_key: String::new(),
+            model: "gemma-4-12b-it".into(),
+            audio_part: AudioPartStyle::InputAudio,
+            connect_timeout_ms: 5_000,
+            first_token_timeout_ms: 60_000,
+            idle_timeout_ms: 30_000,
+            max_tokens: 1024,
+            temperature: 0.7,
+        }
+    }
+}
+
+impl Default for AudioConfig {
+    fn default() -> Self {
+        Self {
+            vad: VadKind::Silero,
+            onnxruntime_library: "vendor/libonnxruntime.so".into(),
+            silero_model: "vendor/silero_vad.onnx".into(),
+            max_buffer_seconds: 900,
+        }
+    }
+}
+
+impl Default for SessionDefaults {
+    fn default() -> Self {
+        Self {
+            model: "hark".into(),
+            instructions: "You are hark, a helpful voice assistant. Answer briefly.".into(),
+            output_modalities: vec!["text".into()],
+            turn_detection: Some(TurnDetectionConfig::default()),
+            max_output_tokens: None,
+            temperature: 0.7,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, then applies `HARK_…` overrides from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("HARK_")).collect();
+        let mut config = Self::from_yaml(&text, &path.display().to_string(), &env)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses YAML text; `origin` names it in errors. `env` holds `HARK_A__B=value` pairs.
+    pub fn from_yaml(text: &str, origin: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        // Deserialize straight from the text first: that is what gives line numbers.
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| yaml_error(origin, &e))?
+        };
+        if env.is_empty() {
+            config.validate(origin)?;
+            return Ok(config);
+        }
+        let mut tree: Value = if text.trim().is_empty() {
+            Value::Mapping(Default::default())
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| yaml_error(origin, &e))?
+        };
+        for (var, raw) in env {
+            apply_override(&mut tree, var, raw)?;
+        }
+        let config: Config = serde_yaml_ng::from_value(tree).map_err(|e| ConfigError::Env {
+            var: env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", "),
+            message: e.to_string(),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |message: String| Err(ConfigError::Invalid { path: origin.to_string(), message });
+        if self.server.host.parse::<std::net::IpAddr>().is_err() && self.server.host != "localhost" {
+            return bad(format!("server.host: '{}' is not an IP address", self.server.host));
+        }
+        if self.server.max_sessions == 0 {
+            return bad("server.max_sessions: must be at least 1".into());
+        }
+        if !(self.backend.openai.base_url.starts_with("http://") || self.backend.openai.base_url.starts_with("https://")) {
+            return bad(format!("backend.openai.base_url: '{}' must start with http:// or https://", self.backend.openai.base_url));
+        }
+        if let Some(td) = &self.session.turn_detection {
+            if td.kind != "server_vad" && td.kind != "semantic_vad" {
+                return bad(format!("session.turn_detection.type: '{}' must be server_vad or semantic_vad", td.kind));
+            }
+            if !(0.0..=1.0).contains(&td.threshold) {
+                return bad(format!("session.turn_detection.threshold: {} must be within 0..1", td.threshold));
+            }
+        }
+        for m in &self.session.output_modalities {
+            if m != "text" && m != "audio" {
+                return bad(format!("session.output_modalities: '{m}' must be text or audio"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves a path from the file against the config file's folder.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            return p.to_path_buf();
+        }
+        match self.source.as_ref().and_then(|s| s.parent()) {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+
+    /// The ONNX Runtime library to load: `ORT_DYLIB_PATH` first, then the config.
+    pub fn onnxruntime_library(&self) -> PathBuf {
+        match std::env::var_os("ORT_DYLIB_PATH") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => self.resolve(&self.audio.onnxruntime_library),
+        }
+    }
+}
+
+fn yaml_error(origin: &str, e: &serde_yaml_ng::Error) -> ConfigError {
+    let line = e.location().map(|l| l.line()).unwrap_or(0);
+    // serde_yaml_ng prefixes the dotted field path ("server.port: invalid type …"), keep it.
+    let mut message = e.to_string();
+    if let Some(idx) = message.find(" at line ") {
+        message.truncate(idx);
+    }
+    ConfigError::Parse { path: origin.to_string(), line, message }
+}
+
+/// `HARK_SERVER__PORT=9000` → `server.port = 9000`. The value is parsed as a YAML scalar.
+fn apply_override(tree: &mut Value, var: &str, raw: &str) -> Result<(), ConfigError> {
+    let path = var.trim_start_matches("HARK_");
+    let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(ConfigError::Env { var: var.into(), message: "empty key segment".into() });
+    }
+    let value: Value = serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+    let mut node = tree;
+    for (i, key) in keys.iter().enumerate() {
+        if !node.is_mapping() {
+            *node = Value::Mapping(Default::default());
+        }
+        let map = node.as_mapping_mut().expect("just made a mapping");
+        let k = Value::String(key.clone());
+        if i + 1 == keys.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert_with(|| Value::Mapping(Default::default()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_line_and_field() {
+        let err = Config::from_yaml("server:\n  host: 127.0.0.1\n  prot: 80\n", "c.yaml", &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("c.yaml:3:"), "{msg}");
+        assert!(msg.contains("prot"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let msg = Config::from_yaml("server:\n  port: lots\n", "c.yaml", &[]).unwrap_err().to_string();
+        assert!(msg.starts_with("c.yaml:2:") && msg.contains("server.port"), "{msg}");
+    }
+
+    #[test]
+    fn env_overrides_nested_keys() {
+        let env = vec![("HARK_SERVER__PORT".to_string(), "9123".to_string())];
+        let c = Config::from_yaml("server:\n  port: 1\n", "c.yaml", &env).unwrap();
+        assert_eq!(c.server.port, 9123);
+        let env = vec![("HARK_BACKEND__OPENAI__MODEL".to_string(), "m".to_string())];
+        assert_eq!(Config::from_yaml("", "c.yaml", &env).unwrap().backend.openai.model, "m");
+        let env = vec![("HARK_SERVER__PROT".to_string(), "1".to_string())];
+        assert!(Config::from_yaml("", "c.yaml", &env).unwrap_err().to_string().contains("HARK_SERVER__PROT"));
+    }
+
+    #[test]
+    fn defaults_bind_loopback() {
+        assert_eq!(Config::default().server.host, "127.0.0.1");
+    }
+}
+
+/// What `hark check` found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub problems: Vec<String>,
+}
+
+/// Validates the config file, the files it names, and the YAML under `agents/` and `tools/`.
+pub fn check(path: &Path) -> CheckReport {
+    let mut report = CheckReport::default();
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            report.problems.push(e.to_string());
+            return report;
+        }
+    };
+    if config.audio.vad == VadKind::Silero {
+        let lib = config.onnxruntime_library();
+        let model = config.resolve(&config.audio.silero_model);
+        if let Err(e) = crate::media::vad::SileroModel::load(&lib, &model) {
+            report.problems.push(format!("{}: audio: {e}", path.display()));
+        }
+    }
+    for dir in [&config.agents_dir, &config.tools_dir] {
+        let dir = config.resolve(dir);
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect();
+        files.sort();
+        for f in files {
+            let text = match std::fs::read_to_string(&f) {
+                Ok(t) => t,
+                Err(e) => {
+                    report.problems.push(format!("{}: cannot read: {e}", f.display()));
+                    continue;
+                }
+            };
+            if let Err(e) = serde_yaml_ng::from_str::<Value>(&text) {
+                report.problems.push(yaml_error(&f.display().to_string(), &e).to_string());
+            }
+        }
+    }
+    report
+}

@@ -1,0 +1,24 @@
+//! hark: a real-time voice-and-vision agent daemon.
+//!
+//! Media flows one way, through small stages, into a session that talks to a model:
+//!
+//! - [`media`]: audio stages — wire codecs, resampling to 16 kHz (rubato), Silero VAD
+//!   (ONNX Runtime), 640-sample model frames. Frames in, frames out.
+//! - [`session`]: one client's realtime session — input buffer, turn detection,
+//!   conversation, the response in flight, barge-in. Transport-agnostic.
+//! - [`model`]: the [`model::Backend`] trait and its implementations (an
+//!   OpenAI-compatible HTTP server today). Backends are driven; they know no transport.
+//! - [`server`]: axum HTTP server — the Realtime WebSocket, `/healthz`, `/v1/models`;
+//!   [`server::protocol`] is the one file with the wire protocol's types.
+//! - [`config`]: `config.yaml` and its `HARK_…` environment overrides.
+//! - [`bench`]: `hark bench …` measurements that print tables.
+//!
+//! Still to come (see `../shared/DESIGN.md` §2): `sources/` (microphone, WebRTC),
+//! `context/` (rolling 256K window), `tools/` (YAML tools), the embedded Gemma 4 model.
+
+pub mod bench;
+pub mod config;
+pub mod media;
+pub mod model;
+pub mod server;
+pub mod session;

@@ -1,0 +1,170 @@
+//! HTTP front door: the Realtime WebSocket, health, models, metrics-free basics.
+//!
+//! `serve` runs until the shutdown token fires, then gives open sessions
+//! `shutdown_grace_ms` to send their final event and close.
+
+pub mod protocol;
+pub mod realtime;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{AudioPartStyle, BackendKind, Config, VadKind};
+use crate::media::vad::SileroModel;
+use crate::model::openai::{AudioPart, OpenAiBackend, OpenAiSettings};
+use crate::model::Backend;
+use crate::session::{SessionDeps, SessionSettings, VadFactory};
+
+/// Most conversation items one session keeps.
+const MAX_ITEMS: usize = 4096;
+
+/// Shared by every request handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub deps: Arc<SessionDeps>,
+    pub shutdown: CancellationToken,
+    pub sessions: TaskTracker,
+    pub session_slots: Arc<Semaphore>,
+}
+
+impl AppState {
+    /// Loads what sessions need (VAD model, backend client). Fails with a message that
+    /// says what is missing and how to get it.
+    pub fn from_config(config: Config) -> anyhow::Result<Self> {
+        let vad = match config.audio.vad {
+            VadKind::Silero => VadFactory::Silero(
+                SileroModel::load(&config.onnxruntime_library(), &config.resolve(&config.audio.silero_model))
+                    .context("loading the Silero VAD")?,
+            ),
+            VadKind::Energy => {
+                tracing::warn!("audio.vad is 'energy': turn detection uses signal level only, not a speech model");
+                VadFactory::Energy
+            }
+        };
+        let backend = build_backend(&config)?;
+        let deps = SessionDeps {
+            defaults: SessionSettings::from_config(&config),
+            backend,
+            vad,
+            max_buffer_seconds: config.audio.max_buffer_seconds,
+            max_items: MAX_ITEMS,
+        };
+        Ok(Self {
+            session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),
+            config: Arc::new(config),
+            deps: Arc::new(deps),
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+        })
+    }
+}
+
+pub fn build_backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
+    match config.backend.kind {
+        BackendKind::Openai => {
+            let c = &config.backend.openai;
+            let api_key = resolve_secret(&c.api_key)?;
+            let settings = OpenAiSettings {
+                base_url: c.base_url.clone(),
+                api_key: (!api_key.is_empty()).then_some(api_key),
+                model: c.model.clone(),
+                audio_part: match c.audio_part {
+                    AudioPartStyle::InputAudio => AudioPart::InputAudio,
+                    AudioPartStyle::AudioUrl => AudioPart::AudioUrl,
+                },
+                connect_timeout: Duration::from_millis(c.connect_timeout_ms),
+                first_token_timeout: Duration::from_millis(c.first_token_timeout_ms),
+                idle_timeout: Duration::from_millis(c.idle_timeout_ms),
+                max_tokens: c.max_tokens,
+                temperature: c.temperature,
+            };
+            Ok(Arc::new(OpenAiBackend::new(settings)?))
+        }
+    }
+}
+
+/// `${ENV:NAME}` → the variable's value; anything else as written.
+pub fn resolve_secret(value: &str) -> anyhow::Result<String> {
+    match value.strip_prefix("${ENV:").and_then(|v| v.strip_suffix('}')) {
+        Some(name) => std::env::var(name).with_context(|| format!("environment variable {name} is not set")),
+        None => Ok(value.to_string()),
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/models", get(models))
+        .route("/v1/realtime", get(realtime::upgrade))
+        .with_state(state)
+}
+
+async fn index() -> &'static str {
+    "hark is running. Connect a Realtime client to ws://HOST:PORT/v1/realtime\n"
+}
+
+async fn models(axum::extract::State(st): axum::extract::State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": st.deps.defaults.model, "object": "model", "owned_by": "hark", "backend": st.deps.backend.name()}],
+    }))
+}
+
+/// Binds the configured address.
+pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
+    let addr = format!("{}:{}", config.server.host, config.server.port);
+    TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Serves until `state.shutdown` fires; then waits (bounded) for sessions to close.
+pub async fn serve(listener: TcpListener, state: AppState) -> anyhow::Result<()> {
+    let shutdown = state.shutdown.clone();
+    let sessions = state.sessions.clone();
+    let grace = Duration::from_millis(state.config.server.shutdown_grace_ms);
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await?;
+    sessions.close();
+    if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+        tracing::warn!("some sessions did not close within {grace:?}");
+    }
+    Ok(())
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot watch SIGTERM: {e}");
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+}

@@ -1,0 +1,133 @@
+//! `GET /v1/realtime`: the OpenAI Realtime protocol over WebSocket.
+//!
+//! The transport only frames messages: it parses text frames into client events,
+//! hands them to a [`Session`], and writes the session's events back in the client's
+//! dialect. Authentication and limits are checked before the upgrade.
+
+use std::net::SocketAddr;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::protocol::{parse_client_event, to_wire, Dialect, ProtocolError, ServerEvent};
+use super::AppState;
+use crate::session::{Session, SessionInput};
+
+#[derive(Debug, Deserialize)]
+pub struct RealtimeQuery {
+    pub model: Option<String>,
+}
+
+/// Subprotocols hark answers with, in order of preference.
+const SUBPROTOCOLS: [&str; 2] = ["realtime", "openai-beta.realtime-v1"];
+
+pub async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<RealtimeQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let offered: Vec<String> = headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_string())
+        .collect();
+    if !authorized(&st.config.server.api_keys, &headers, &offered) {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "Missing or invalid API key."}}))).into_response();
+    }
+    let beta_header = headers
+        .get_all("openai-beta")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|p| p.trim() == "realtime=v1"));
+    let dialect = if beta_header || offered.iter().any(|p| p == "openai-beta.realtime-v1") { Dialect::Beta } else { Dialect::Ga };
+    let Ok(permit) = st.session_slots.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": {"type": "server_error", "code": "too_many_sessions", "message": "hark has reached server.max_sessions."}}))).into_response();
+    };
+    if st.shutdown.is_cancelled() {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let max = st.config.server.max_message_bytes;
+    ws.protocols(SUBPROTOCOLS).max_message_size(max).max_frame_size(max).on_upgrade(move |socket| {
+        let tracker = st.sessions.clone();
+        tracker.track_future(async move {
+            tracing::info!(%peer, ?dialect, model = ?q.model, "realtime session opened");
+            run_socket(socket, st, q.model, dialect).await;
+            tracing::info!(%peer, "realtime session closed");
+            drop(permit);
+        })
+    })
+}
+
+fn authorized(keys: &[String], headers: &HeaderMap, offered: &[String]) -> bool {
+    if keys.is_empty() {
+        return true;
+    }
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let sub = offered.iter().find_map(|p| p.strip_prefix("openai-insecure-api-key."));
+    [bearer, sub].into_iter().flatten().any(|k| keys.iter().any(|key| key == k))
+}
+
+async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dialect: Dialect) {
+    let (mut sink, mut stream) = socket.split();
+    let (in_tx, in_rx) = mpsc::channel::<SessionInput>(256);
+    let (out_tx, mut out_rx) = mpsc::channel::<ServerEvent>(1024);
+    let session = Session::new(st.deps.clone(), model);
+    let shutdown = st.shutdown.child_token();
+    let session_task = tokio::spawn(session.run(in_rx, out_tx, shutdown.clone()));
+
+    let writer = tokio::spawn(async move {
+        while let Some(ev) = out_rx.recv().await {
+            let Some(text) = to_wire(&ev, dialect) else { continue };
+            if sink.send(Message::text(text)).await.is_err() {
+                return;
+            }
+        }
+        // The session ended (client gone or shutdown): say goodbye properly.
+        let _ = sink.send(Message::Close(Some(CloseFrame { code: 1001, reason: "session closed".into() }))).await;
+        let _ = sink.close().await;
+    });
+
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = stream.next() => m,
+        };
+        let input = match msg {
+            None | Some(Ok(Message::Close(_))) => break,
+            Some(Err(e)) => {
+                tracing::debug!("websocket read failed: {e}");
+                break;
+            }
+            Some(Ok(Message::Text(text))) => match parse_client_event(text.as_str()) {
+                Ok(env) => SessionInput::Client(env),
+                Err(e) => SessionInput::Invalid(e),
+            },
+            Some(Ok(Message::Binary(_))) => SessionInput::Invalid(ProtocolError::new(
+                "invalid_message",
+                "Binary frames are not part of the Realtime protocol; send JSON text frames.",
+            )),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+        };
+        if in_tx.send(input).await.is_err() {
+            break;
+        }
+    }
+    drop(in_tx);
+    let _ = session_task.await;
+    let _ = writer.await;
+}

@@ -1,0 +1,195 @@
+//! The session's conversation: ordered items, with the audio and images they carry.
+
+use std::sync::Arc;
+
+use crate::model::{ChatMessage, ToolCall, UserPart};
+use crate::server::protocol::{Item, ItemKind, Role};
+
+/// Media behind one content part; the wire [`Item`] never carries it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    None,
+    /// 16 kHz mono samples.
+    Audio(Arc<Vec<f32>>),
+    /// `data:image/…;base64,…`
+    Image(Arc<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ConversationItem {
+    pub item: Item,
+    /// One entry per `item.content` part.
+    pub payloads: Vec<Payload>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConversationError {
+    #[error("Item with item_id '{0}' not found.")]
+    NotFound(String),
+    #[error("Item with item_id '{0}' already exists.")]
+    Duplicate(String),
+    #[error("The conversation already holds the maximum of {0} items; delete some first.")]
+    Full(usize),
+}
+
+#[derive(Debug, Default)]
+pub struct Conversation {
+    items: Vec<ConversationItem>,
+    max_items: usize,
+}
+
+impl Conversation {
+    pub fn new(max_items: usize) -> Self {
+        Self { items: Vec::new(), max_items }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn last_id(&self) -> Option<String> {
+        self.items.last().map(|i| i.item.id.clone())
+    }
+
+    /// Inserts after `previous` (`None`: at the end; `Some("root")`: at the start).
+    /// Returns the id of the item now before it.
+    pub fn insert(&mut self, previous: Option<&str>, item: ConversationItem) -> Result<Option<String>, ConversationError> {
+        if self.items.len() >= self.max_items {
+            return Err(ConversationError::Full(self.max_items));
+        }
+        if self.get(&item.item.id).is_some() {
+            return Err(ConversationError::Duplicate(item.item.id.clone()));
+        }
+        let at = match previous {
+            None => self.items.len(),
+            Some("root") => 0,
+            Some(id) => self.position(id).ok_or_else(|| ConversationError::NotFound(id.to_string()))? + 1,
+        };
+        let before = if at == 0 { None } else { Some(self.items[at - 1].item.id.clone()) };
+        self.items.insert(at, item);
+        Ok(before)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&ConversationItem> {
+        self.items.iter().find(|i| i.item.id == id)
+    }
+
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut ConversationItem> {
+        self.items.iter_mut().find(|i| i.item.id == id)
+    }
+
+    pub fn delete(&mut self, id: &str) -> Result<ConversationItem, ConversationError> {
+        let at = self.position(id).ok_or_else(|| ConversationError::NotFound(id.to_string()))?;
+        Ok(self.items.remove(at))
+    }
+
+    fn position(&self, id: &str) -> Option<usize> {
+        self.items.iter().position(|i| i.item.id == id)
+    }
+
+    /// The conversation as chat messages for a backend. A function call joins the
+    /// assistant message before it, as chat-completions servers expect.
+    pub fn to_messages(&self) -> Vec<ChatMessage> {
+        let mut out: Vec<ChatMessage> = Vec::new();
+        for ci in &self.items {
+            let it = &ci.item;
+            match it.kind {
+                ItemKind::Message => {
+                    let parts = it.content.as_deref().unwrap_or_default();
+                    match it.role {
+                        Some(Role::User) => {
+                            let mut user = Vec::new();
+                            for (part, payload) in parts.iter().zip(&ci.payloads) {
+                                match payload {
+                                    Payload::Audio(a) => user.push(UserPart::Audio(a.clone())),
+                                    Payload::Image(url) => user.push(UserPart::Image(url.as_ref().clone())),
+                                    Payload::None => {
+                                        if let Some(t) = &part.text {
+                                            user.push(UserPart::Text(t.clone()));
+                                        }
+                                    }
+                                }
+                            }
+                            if !user.is_empty() {
+                                out.push(ChatMessage::User(user));
+                            }
+                        }
+                        Some(Role::System) => {
+                            let text: Vec<&str> = parts.iter().filter_map(|p| p.text.as_deref()).collect();
+                            out.push(ChatMessage::System(text.join("\n")));
+                        }
+                        Some(Role::Assistant) | None => {
+                            let text: String = parts.iter().filter_map(|p| p.text.as_deref()).collect();
+                            out.push(ChatMessage::Assistant { text, tool_calls: Vec::new() });
+                        }
+                    }
+                }
+                ItemKind::FunctionCall => {
+                    let call = ToolCall {
+                        call_id: it.call_id.clone().unwrap_or_default(),
+                        name: it.name.clone().unwrap_or_default(),
+                        arguments: it.arguments.clone().unwrap_or_default(),
+                    };
+                    match out.last_mut() {
+                        Some(ChatMessage::Assistant { tool_calls, .. }) => tool_calls.push(call),
+                        _ => out.push(ChatMessage::Assistant { text: String::new(), tool_calls: vec![call] }),
+                    }
+                }
+                ItemKind::FunctionCallOutput => out.push(ChatMessage::Tool {
+                    call_id: it.call_id.clone().unwrap_or_default(),
+                    output: it.output.clone().unwrap_or_default(),
+                }),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::protocol::{ContentPart, ItemStatus};
+
+    fn msg(id: &str, role: Role, text: &str) -> ConversationItem {
+        ConversationItem {
+            item: Item {
+                id: id.into(),
+                object: "realtime.item",
+                kind: ItemKind::Message,
+                status: ItemStatus::Completed,
+                role: Some(role),
+                content: Some(vec![ContentPart::input_text(text)]),
+                call_id: None,
+                name: None,
+                arguments: None,
+                output: None,
+            },
+            payloads: vec![Payload::None],
+        }
+    }
+
+    #[test]
+    fn insert_after_and_root() {
+        let mut c = Conversation::new(10);
+        assert_eq!(c.insert(None, msg("a", Role::User, "1")).unwrap(), None);
+        assert_eq!(c.insert(None, msg("b", Role::User, "2")).unwrap(), Some("a".into()));
+        assert_eq!(c.insert(Some("root"), msg("z", Role::User, "0")).unwrap(), None);
+        assert_eq!(c.insert(Some("a"), msg("m", Role::User, "1.5")).unwrap(), Some("a".into()));
+        assert_eq!(c.insert(Some("nope"), msg("q", Role::User, "")).unwrap_err(), ConversationError::NotFound("nope".into()));
+        assert_eq!(c.insert(None, msg("a", Role::User, "")).unwrap_err(), ConversationError::Duplicate("a".into()));
+        let order: Vec<_> = c.items.iter().map(|i| i.item.id.as_str()).collect();
+        assert_eq!(order, ["z", "a", "m", "b"]);
+        assert_eq!(c.to_messages().len(), 4);
+    }
+
+    #[test]
+    fn full_conversation_refuses() {
+        let mut c = Conversation::new(1);
+        c.insert(None, msg("a", Role::User, "1")).unwrap();
+        assert_eq!(c.insert(None, msg("b", Role::User, "1")).unwrap_err(), ConversationError::Full(1));
+    }
+}
