@@ -17,6 +17,23 @@ pub enum AudioFormat {
 pub enum CodecError {
     #[error("audio/pcm needs an even number of bytes (16-bit samples), got {0}")]
     OddLength(usize),
+    /// The bytes are a file container, not raw samples: a client sending a WAV or
+    /// Opus file where the session declared raw PCM would otherwise be heard as noise.
+    #[error("the audio is a {0} file, but the session expects raw samples; send headerless audio in the declared format")]
+    Container(&'static str),
+}
+
+/// Recognises common audio file headers.
+fn sniff_container(bytes: &[u8]) -> Option<&'static str> {
+    const MAGIC: [(&[u8], &str); 6] = [
+        (b"RIFF", "WAV"),
+        (b"OggS", "Ogg"),
+        (b"fLaC", "FLAC"),
+        (b"ID3", "MP3"),
+        (&[0x1A, 0x45, 0xDF, 0xA3], "WebM/Matroska"),
+        (b"#!AMR", "AMR"),
+    ];
+    MAGIC.iter().find(|(m, _)| bytes.starts_with(m)).map(|(_, name)| *name)
 }
 
 impl AudioFormat {
@@ -47,6 +64,9 @@ impl AudioFormat {
 
     /// Decodes wire bytes to samples in [-1, 1], appending to `out`.
     pub fn decode_into(&self, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), CodecError> {
+        if let Some(container) = sniff_container(bytes) {
+            return Err(CodecError::Container(container));
+        }
         match self {
             AudioFormat::Pcm16 { .. } => {
                 if bytes.len() % 2 != 0 {
@@ -104,6 +124,13 @@ mod tests {
         let back = AudioFormat::Pcm16 { rate: 24_000 }.decode(&bytes).unwrap();
         assert!((back[1] - 0.5).abs() < 1e-3 && (back[2] + 0.5).abs() < 1e-3);
         assert_eq!(AudioFormat::Pcm16 { rate: 24_000 }.decode(&[1, 2, 3]), Err(CodecError::OddLength(3)));
+    }
+
+    #[test]
+    fn files_are_refused_as_raw_audio() {
+        let wav = b"RIFF\x24\0\0\0WAVEfmt ";
+        assert_eq!(AudioFormat::Pcm16 { rate: 24_000 }.decode(wav), Err(CodecError::Container("WAV")));
+        assert_eq!(AudioFormat::Pcmu.decode(b"OggS\0\0"), Err(CodecError::Container("Ogg")));
     }
 
     #[test]
