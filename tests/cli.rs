@@ -1,0 +1,60 @@
+//! The command line: `hark check` reports problems as `file:line: field: problem`.
+
+mod common;
+
+use std::process::Command;
+
+use common::repo_root;
+
+fn hark(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hark")).args(args).envs(env.iter().copied()).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let cfg = repo_root().join("config.yaml");
+    let (ok, out) = hark(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains(": ok"), "{out}");
+}
+
+#[test]
+fn check_names_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(&cfg, "server:\n  host: 127.0.0.1\n  prot: 80\n").unwrap();
+    let (ok, out) = hark(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(out.contains("bad.yaml:3:") && out.contains("prot"), "{out}");
+
+    std::fs::write(&cfg, "audio:\n  vad: quantum\n").unwrap();
+    let (ok, out) = hark(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(out.contains("bad.yaml:2:") && out.contains("audio.vad") && out.contains("quantum"), "{out}");
+
+    // serve refuses with the same message.
+    let (ok, serve_out) = hark(&["serve", "--config", cfg.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(serve_out.contains("bad.yaml:2:"), "{serve_out}");
+}
+
+#[test]
+fn check_reports_missing_runtime_files_with_a_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(&cfg, "audio:\n  silero_model: /nonexistent/silero.onnx\n").unwrap();
+    let (ok, out) = hark(&["check", "--config", cfg.to_str().unwrap()], &[("ORT_DYLIB_PATH", repo_root().join("vendor/libonnxruntime.so").to_str().unwrap())]);
+    assert!(!ok);
+    assert!(out.contains("/nonexistent/silero.onnx") && out.contains("scripts/setup"), "{out}");
+}
+
+#[test]
+fn env_overrides_apply_and_bad_ones_are_named() {
+    let cfg = repo_root().join("config.yaml");
+    let (ok, out) = hark(&["check", "--config", cfg.to_str().unwrap()], &[("HARK_SERVER__PORT", "not-a-port")]);
+    assert!(!ok);
+    assert!(out.contains("HARK_SERVER__PORT"), "{out}");
+    let (ok, out) = hark(&["check", "--config", cfg.to_str().unwrap()], &[("HARK_SERVER__PORT", "9001")]);
+    assert!(ok, "{out}");
+}
