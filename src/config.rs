@@ -260,7 +260,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("HARK_")).collect();
+        let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| is_override(k)).collect();
         let mut config = Self::from_yaml(&text, &path.display().to_string(), &env)?;
         config.source = Some(path.to_path_buf());
         Ok(config)
@@ -283,13 +283,22 @@ impl Config {
         } else {
             serde_yaml_ng::from_str(text).map_err(|e| yaml_error(origin, &e))?
         };
+        let base = tree.clone();
         for (var, raw) in env {
             apply_override(&mut tree, var, raw)?;
         }
-        let config: Config = serde_yaml_ng::from_value(tree).map_err(|e| ConfigError::Env {
-            var: env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", "),
-            message: e.to_string(),
-        })?;
+        let config: Config = match serde_yaml_ng::from_value(tree) {
+            Ok(c) => c,
+            Err(e) => {
+                // Name the variable at fault: try each alone on the file's values.
+                let culprit = env.iter().find(|(var, raw)| {
+                    let mut t = base.clone();
+                    apply_override(&mut t, var, raw).is_err() || serde_yaml_ng::from_value::<Config>(t).is_err()
+                });
+                let var = culprit.map(|(k, _)| k.clone()).unwrap_or_else(|| "HARK_*".into());
+                return Err(ConfigError::Env { var, message: e.to_string() });
+            }
+        };
         config.validate(origin)?;
         Ok(config)
     }
@@ -351,6 +360,16 @@ fn yaml_error(origin: &str, e: &serde_yaml_ng::Error) -> ConfigError {
     ConfigError::Parse { path: origin.to_string(), line, message }
 }
 
+/// Top-level config keys; only `HARK_<KEY>…` variables naming one of them are
+/// overrides (others, such as `HARK_TEST_PYTHON`, belong to other tools).
+const TOP_LEVEL_KEYS: [&str; 7] = ["server", "backend", "audio", "session", "log", "agents_dir", "tools_dir"];
+
+fn is_override(var: &str) -> bool {
+    let Some(rest) = var.strip_prefix("HARK_") else { return false };
+    let first = rest.split("__").next().unwrap_or("").to_ascii_lowercase();
+    TOP_LEVEL_KEYS.contains(&first.as_str())
+}
+
 /// `HARK_SERVER__PORT=9000` → `server.port = 9000`. The value is parsed as a YAML scalar.
 fn apply_override(tree: &mut Value, var: &str, raw: &str) -> Result<(), ConfigError> {
     let path = var.trim_start_matches("HARK_");
@@ -400,8 +419,11 @@ mod tests {
         assert_eq!(c.server.port, 9123);
         let env = vec![("HARK_BACKEND__OPENAI__MODEL".to_string(), "m".to_string())];
         assert_eq!(Config::from_yaml("", "c.yaml", &env).unwrap().backend.openai.model, "m");
-        let env = vec![("HARK_SERVER__PROT".to_string(), "1".to_string())];
-        assert!(Config::from_yaml("", "c.yaml", &env).unwrap_err().to_string().contains("HARK_SERVER__PROT"));
+        let env = vec![("HARK_SERVER__PROT".to_string(), "1".to_string()), ("HARK_LOG__LEVEL".to_string(), "debug".to_string())];
+        let msg = Config::from_yaml("", "c.yaml", &env).unwrap_err().to_string();
+        assert!(msg.starts_with("environment override HARK_SERVER__PROT:"), "{msg}");
+        assert!(is_override("HARK_SERVER__PORT") && is_override("HARK_AGENTS_DIR"));
+        assert!(!is_override("HARK_TEST_PYTHON") && !is_override("HARK_VENV"));
     }
 
     #[test]

@@ -120,6 +120,8 @@ pub struct Session {
     buffer: InputBuffer,
     speech: Option<PendingSpeech>,
     buffer_overflow_reported: bool,
+    /// Stream position (16 kHz) of the last speech, commit or response; the idle timer runs from here.
+    last_activity: u64,
     conversation: Conversation,
     response: Option<ResponseRun>,
     backend_rx: Option<mpsc::Receiver<BackendEvent>>,
@@ -143,6 +145,7 @@ impl Session {
             buffer: InputBuffer::default(),
             speech: None,
             buffer_overflow_reported: false,
+            last_activity: 0,
             conversation: Conversation::new(max_items),
             response: None,
             backend_rx: None,
@@ -311,11 +314,45 @@ impl Session {
                 None => {}
             }
         }
+        self.check_idle_timeout();
         self.trim_buffer();
         Ok(())
     }
 
+    fn stream_position(&self) -> u64 {
+        self.stream_base + self.pipeline.position()
+    }
+
+    /// `idle_timeout_ms`: after that much audio without speech (and with no response
+    /// running), the silence is committed and a response created, so the model can
+    /// re-engage the user. Measured in audio time, so it follows the client's clock.
+    fn check_idle_timeout(&mut self) {
+        let Some(timeout_ms) = self.settings.turn_detection.as_ref().and_then(|t| t.idle_timeout_ms) else { return };
+        let pos = self.stream_position();
+        if self.response.is_some() || self.turn.as_ref().is_some_and(|t| t.is_speaking()) {
+            self.last_activity = pos;
+            return;
+        }
+        if pos.saturating_sub(self.last_activity) < ms_to_samples(timeout_ms as u64, MODEL_SAMPLE_RATE) {
+            return;
+        }
+        let item_id = new_id("item");
+        self.events.push(ServerEvent::InputAudioBufferTimeoutTriggered {
+            audio_start_ms: samples_to_ms(self.last_activity, MODEL_SAMPLE_RATE),
+            audio_end_ms: samples_to_ms(pos, MODEL_SAMPLE_RATE),
+            item_id: item_id.clone(),
+        });
+        self.last_activity = pos;
+        let audio = std::mem::take(&mut self.buffer.samples);
+        self.buffer.start += audio.len() as u64;
+        let result = self.commit_audio(item_id, audio).and_then(|_| self.create_response(ResponseParams::default()));
+        if let Err(e) = result {
+            self.events.push(ServerEvent::from_protocol_error(e));
+        }
+    }
+
     fn on_speech_started(&mut self, start: u64) {
+        self.last_activity = self.stream_position();
         let item_id = new_id("item");
         self.events.push(ServerEvent::InputAudioBufferSpeechStarted {
             audio_start_ms: samples_to_ms(start, MODEL_SAMPLE_RATE),
@@ -329,6 +366,7 @@ impl Session {
     }
 
     fn on_speech_stopped(&mut self, start: u64, end: u64) {
+        self.last_activity = self.stream_position();
         let Some(td) = self.settings.turn_detection.clone() else { return };
         let item_id = self.speech.take().map(|s| s.item_id).unwrap_or_else(|| new_id("item"));
         self.events.push(ServerEvent::InputAudioBufferSpeechStopped {

@@ -114,6 +114,10 @@ impl TurnDetection {
             t.silence_duration_ms = v;
         }
         if let Some(v) = u.idle_timeout_ms {
+            if v.is_some_and(|ms| !(500..=3_600_000).contains(&ms)) {
+                return Err(ProtocolError::new("invalid_value", "idle_timeout_ms must be between 500 and 3600000, or null.")
+                    .param(format!("{at}.idle_timeout_ms")));
+            }
             t.idle_timeout_ms = v;
         }
         if let Some(v) = u.create_response {

@@ -1,6 +1,7 @@
-//! Barge-in: speech that starts while a response is running cancels it, with
-//! `speech_started` first and one `response.done` (cancelled, `turn_detected`).
-//! Real espeak-ng speech through the real Silero VAD; scripted model server.
+//! Turn detection with real espeak-ng speech through the real Silero VAD (scripted
+//! model server): barge-in cancels a running response with `speech_started` first and
+//! one `response.done` (cancelled, `turn_detected`); `interrupt_response: false` lets it
+//! finish; `idle_timeout_ms` re-engages a silent user.
 
 mod common;
 
@@ -81,4 +82,29 @@ async fn interrupt_response_false_lets_the_response_finish() {
     let events = c.collect_until("response.done").await;
     assert!(types(&events).contains(&"input_audio_buffer.speech_started".to_string()), "{:?}", types(&events));
     assert_eq!(events.last().unwrap()["response"]["status"], "completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_commits_silence_and_creates_a_response() {
+    let model = ScriptedModel::start().await;
+    let hark = Hark::start(test_config(&model.base_url())).await;
+    let mut c = Client::connect(&hark.ws_url()).await;
+    c.send(json!({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 1000}}}}})).await;
+    assert_eq!(c.until("session.updated").await["session"]["audio"]["input"]["turn_detection"]["idle_timeout_ms"], 1000);
+    // 1.5 s of silence, appended in 20 ms chunks.
+    let silence = vec![0u8; 960];
+    for _ in 0..75 {
+        c.send(json!({"type": "input_audio_buffer.append", "audio": b64(&silence)})).await;
+    }
+    let events = c.collect_until("response.done").await;
+    let t = types(&events);
+    let trig = events.iter().find(|e| e["type"] == "input_audio_buffer.timeout_triggered").unwrap_or_else(|| panic!("{t:?}"));
+    let end = trig["audio_end_ms"].as_u64().unwrap();
+    assert!((1000..1100).contains(&end), "timeout at {end} ms");
+    let committed = events.iter().find(|e| e["type"] == "input_audio_buffer.committed").unwrap();
+    assert_eq!(committed["item_id"], trig["item_id"]);
+    assert!(!t.contains(&"input_audio_buffer.speech_started".to_string()));
+    assert_eq!(events.last().unwrap()["response"]["status"], "completed");
+    // Exactly one timeout for that stretch of silence.
+    assert_eq!(t.iter().filter(|x| *x == "input_audio_buffer.timeout_triggered").count(), 1);
 }
