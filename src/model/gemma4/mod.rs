@@ -1,0 +1,12 @@
+//! Gemma 4 (`gemma4_unified`) in-process: config, the network, its KV cache,
+//! and token sampling. Knows nothing of sessions or transports.
+
+pub mod cache;
+pub mod config;
+pub mod loader;
+pub mod model;
+pub mod sampling;
+
+pub use cache::KvCache;
+pub use config::Gemma4Config;
+pub use model::{ForwardInput, Gemma4Model, ImageInput};

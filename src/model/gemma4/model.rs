@@ -1,0 +1,529 @@
+//! The `gemma4_unified` network on candle: text backbone, audio and vision embedders.
+//!
+//! Spec: transformers' `models/gemma4_unified/modeling_gemma4_unified.py` (see
+//! `docs/gemma4_unified.md` and DESIGN.md §3). Deviations from the usual Gemma
+//! recipe that matter here: RMSNorm multiplies by `weight` (not `1 + weight`),
+//! attention is unscaled (scaling 1.0) with QK-norm and a scale-free V-norm, global
+//! layers may have no `v_proj` (`attention_k_eq_v`: V is the raw K projection),
+//! global RoPE is "proportional" (only the first `partial_rotary_factor` of the
+//! frequency pairs rotate, with exponents over the full head_dim), and each layer's
+//! output is multiplied by a learned scalar.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+use super::cache::KvCache;
+use super::config::{Gemma4Config, LayerKind, LayerSpec, RopeSpec, TextConfig};
+
+pub type Result<T> = candle_core::Result<T>;
+
+/// One image's patches, already cut and flattened by [`super::vision`].
+#[derive(Debug, Clone)]
+pub struct ImageInput {
+    /// `[patches, 48·48·3]`, pixels in [0, 1], each patch flattened row-major HWC.
+    pub patches: Tensor,
+    /// `(x, y)` grid position of each patch; `(-1, -1)` marks padding.
+    pub positions: Vec<(i64, i64)>,
+}
+
+/// One forward call's inputs. Placeholder tokens (`audio_token_id`,
+/// `image_token_id`) in `tokens` are replaced, in order, by the embedded audio
+/// frames and image patches.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardInput<'a> {
+    pub tokens: &'a [u32],
+    /// `[audio tokens, 640]` raw 16 kHz samples, one row per audio placeholder.
+    pub audio_frames: Option<&'a Tensor>,
+    pub images: &'a [ImageInput],
+    /// Whether all logits are wanted (parity checks) or only the last position's.
+    pub all_logits: bool,
+}
+
+struct Attention {
+    spec: LayerSpec,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Option<Linear>,
+    o_proj: Linear,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    ones: Tensor,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct DecoderLayer {
+    attn: Attention,
+    mlp: Mlp,
+    input_norm: Tensor,
+    post_attn_norm: Tensor,
+    pre_ff_norm: Tensor,
+    post_ff_norm: Tensor,
+    layer_scalar: Tensor,
+}
+
+/// Raw features (audio frames or vision states) → the text model's space:
+/// RMSNorm without scale, then a bias-free projection.
+struct MultimodalEmbedder {
+    ones: Tensor,
+    eps: f64,
+    projection: Linear,
+}
+
+impl MultimodalEmbedder {
+    fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, eps: f64) -> Result<Self> {
+        let w = vb.get((out_dim, in_dim), "embedding_projection.weight")?;
+        Ok(Self { ones: Tensor::ones(in_dim, w.dtype(), w.device())?, eps, projection: Linear::new(w, None) })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = candle_nn::ops::rms_norm(&x.to_dtype(self.ones.dtype())?, &self.ones, self.eps as f32)?;
+        self.projection.forward(&x)
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn load(vb: &VarBuilder, dim: usize) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // torch.nn.LayerNorm's default eps.
+        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, 1e-5)
+    }
+}
+
+struct VisionEmbedder {
+    ln1: LayerNorm,
+    dense: Linear,
+    ln2: LayerNorm,
+    /// `[mm_posemb_size, 2, mm_embed_dim]`
+    pos_embedding: Tensor,
+    pos_norm: LayerNorm,
+    embedder: MultimodalEmbedder,
+    patch_dim: usize,
+}
+
+impl VisionEmbedder {
+    fn forward(&self, image: &ImageInput) -> Result<Tensor> {
+        let valid: Vec<u32> =
+            image.positions.iter().enumerate().filter(|(_, p)| p.0 >= 0 && p.1 >= 0).map(|(i, _)| i as u32).collect();
+        let dev = image.patches.device();
+        let idx = Tensor::new(valid.as_slice(), dev)?;
+        let patches = image.patches.to_dtype(self.pos_embedding.dtype())?.index_select(&idx, 0)?;
+        if patches.dim(1)? != self.patch_dim {
+            candle_core::bail!("image patches have {} values, the model expects {}", patches.dim(1)?, self.patch_dim);
+        }
+        let h = self.ln2.forward(&self.dense.forward(&self.ln1.forward(&patches)?)?)?;
+        let posemb = self.pos_embedding.dim(0)?;
+        let mut xs = Vec::with_capacity(valid.len());
+        let mut ys = Vec::with_capacity(valid.len());
+        for &i in &valid {
+            let (x, y) = image.positions[i as usize];
+            if x as usize >= posemb || y as usize >= posemb {
+                candle_core::bail!("image patch position ({x}, {y}) is outside the {posemb}-entry position table");
+            }
+            xs.push(x as u32);
+            ys.push(y as u32);
+        }
+        let table_x = self.pos_embedding.narrow(1, 0, 1)?.squeeze(1)?;
+        let table_y = self.pos_embedding.narrow(1, 1, 1)?.squeeze(1)?;
+        let pos = (table_x.index_select(&Tensor::new(xs.as_slice(), dev)?, 0)?
+            + table_y.index_select(&Tensor::new(ys.as_slice(), dev)?, 0)?)?;
+        let h = self.pos_norm.forward(&(h + pos)?)?;
+        self.embedder.forward(&h)
+    }
+}
+
+pub struct Gemma4Model {
+    pub config: Gemma4Config,
+    device: Device,
+    dtype: DType,
+    embed_tokens: candle_nn::Embedding,
+    embed_scale: f64,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Linear,
+    audio: Option<MultimodalEmbedder>,
+    vision: Option<VisionEmbedder>,
+    inv_freq_sliding: Vec<f32>,
+    inv_freq_full: Vec<f32>,
+    ones_hidden: Tensor,
+}
+
+fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, name: &str) -> Result<Linear> {
+    Ok(Linear::new(vb.get((out_dim, in_dim), &format!("{name}.weight"))?, None))
+}
+
+/// Inverse frequencies for one layer kind, as transformers computes them.
+pub fn inv_freq(rope: &RopeSpec, head_dim: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let rotated = if rope.kind == "proportional" {
+        // int(partial_rotary_factor * head_dim // 2)
+        ((rope.partial_rotary_factor * head_dim as f64) / 2.0).floor() as usize
+    } else {
+        half
+    };
+    (0..half)
+        .map(|i| {
+            if i < rotated {
+                let exponent = (2 * i) as f32 / head_dim as f32;
+                1.0 / (rope.theta as f32).powf(exponent)
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+impl Gemma4Model {
+    /// Builds the network from a `VarBuilder` over the checkpoint's tensors.
+    pub fn load(config: Gemma4Config, vb: VarBuilder) -> Result<Self> {
+        let t: &TextConfig = &config.text;
+        let device = vb.device().clone();
+        let dtype = vb.dtype();
+        let lm = vb.pp("model.language_model");
+        let embed = lm.get((t.vocab_size, t.hidden_size), "embed_tokens.weight")?;
+        let embed_tokens = candle_nn::Embedding::new(embed.clone(), t.hidden_size);
+        let mut layers = Vec::with_capacity(t.layers.len());
+        for (i, spec) in t.layers.iter().enumerate() {
+            let l = lm.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let hd = spec.head_dim;
+            let attn = Attention {
+                spec: *spec,
+                q_proj: linear(&a, t.hidden_size, t.num_attention_heads * hd, "q_proj")?,
+                k_proj: linear(&a, t.hidden_size, spec.num_kv_heads * hd, "k_proj")?,
+                v_proj: if spec.k_eq_v { None } else { Some(linear(&a, t.hidden_size, spec.num_kv_heads * hd, "v_proj")?) },
+                o_proj: linear(&a, t.num_attention_heads * hd, t.hidden_size, "o_proj")?,
+                q_norm: a.get(hd, "q_norm.weight")?,
+                k_norm: a.get(hd, "k_norm.weight")?,
+                ones: Tensor::ones(hd, dtype, &device)?,
+            };
+            let m = l.pp("mlp");
+            let mlp = Mlp {
+                gate: linear(&m, t.hidden_size, t.intermediate_size, "gate_proj")?,
+                up: linear(&m, t.hidden_size, t.intermediate_size, "up_proj")?,
+                down: linear(&m, t.intermediate_size, t.hidden_size, "down_proj")?,
+            };
+            let layer_scalar = if l.contains_tensor("layer_scalar") { l.get(1, "layer_scalar")? } else { Tensor::ones(1, dtype, &device)? };
+            layers.push(DecoderLayer {
+                attn,
+                mlp,
+                input_norm: l.get(t.hidden_size, "input_layernorm.weight")?,
+                post_attn_norm: l.get(t.hidden_size, "post_attention_layernorm.weight")?,
+                pre_ff_norm: l.get(t.hidden_size, "pre_feedforward_layernorm.weight")?,
+                post_ff_norm: l.get(t.hidden_size, "post_feedforward_layernorm.weight")?,
+                layer_scalar,
+            });
+        }
+        let norm = lm.get(t.hidden_size, "norm.weight")?;
+        let lm_head = if vb.contains_tensor("lm_head.weight") && !t.tie_word_embeddings {
+            Linear::new(vb.get((t.vocab_size, t.hidden_size), "lm_head.weight")?, None)
+        } else {
+            Linear::new(embed, None)
+        };
+        let audio = match &config.audio {
+            Some(a) if vb.contains_tensor("model.embed_audio.embedding_projection.weight") => {
+                Some(MultimodalEmbedder::load(&vb.pp("model.embed_audio"), a.samples_per_token, t.hidden_size, a.rms_norm_eps)?)
+            }
+            _ => None,
+        };
+        let vision = match &config.vision {
+            Some(v) if vb.contains_tensor("model.embed_vision.patch_dense.weight") => {
+                let e = vb.pp("model.embed_vision");
+                Some(VisionEmbedder {
+                    ln1: LayerNorm::load(&e.pp("patch_ln1"), v.patch_dim())?,
+                    dense: Linear::new(
+                        e.get((v.mm_embed_dim, v.patch_dim()), "patch_dense.weight")?,
+                        Some(e.get(v.mm_embed_dim, "patch_dense.bias")?),
+                    ),
+                    ln2: LayerNorm::load(&e.pp("patch_ln2"), v.mm_embed_dim)?,
+                    pos_embedding: e.get((v.mm_posemb_size, 2, v.mm_embed_dim), "pos_embedding")?,
+                    pos_norm: LayerNorm::load(&e.pp("pos_norm"), v.mm_embed_dim)?,
+                    embedder: MultimodalEmbedder::load(&e.pp("multimodal_embedder"), v.output_proj_dims, t.hidden_size, v.rms_norm_eps)?,
+                    patch_dim: v.patch_dim(),
+                })
+            }
+            _ => None,
+        };
+        let sliding_hd = t.layers.iter().find(|l| l.kind == LayerKind::Sliding).map(|l| l.head_dim).unwrap_or(2);
+        let full_hd = t.layers.iter().find(|l| l.kind == LayerKind::Full).map(|l| l.head_dim).unwrap_or(2);
+        Ok(Self {
+            inv_freq_sliding: inv_freq(&t.rope_sliding, sliding_hd),
+            inv_freq_full: inv_freq(&t.rope_full, full_hd),
+            embed_scale: (t.hidden_size as f64).sqrt(),
+            ones_hidden: Tensor::ones(t.hidden_size, dtype, &device)?,
+            config,
+            device,
+            dtype,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            audio,
+            vision,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.config.text)
+    }
+
+    /// Embeds tokens and splices in audio frames and image patches at their placeholders.
+    fn embed(&self, input: &ForwardInput) -> Result<Tensor> {
+        let c = &self.config;
+        let is_audio = |t: u32| t == c.audio_token_id;
+        let is_image = |t: u32| t == c.image_token_id || t == c.video_token_id;
+        let ids: Vec<u32> = input.tokens.iter().map(|&t| if is_audio(t) || is_image(t) { c.text.pad_token_id } else { t }).collect();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        // transformers scales in the weight dtype.
+        let scale = Tensor::new(&[self.embed_scale as f32], &self.device)?.to_dtype(self.dtype)?;
+        let text = self.embed_tokens.forward(&ids)?.broadcast_mul(&scale)?;
+
+        let n_audio = input.tokens.iter().filter(|&&t| is_audio(t)).count();
+        let n_image = input.tokens.iter().filter(|&&t| is_image(t)).count();
+        if n_audio == 0 && n_image == 0 {
+            return Ok(text);
+        }
+        let audio = if n_audio > 0 {
+            let frames = input.audio_frames.ok_or_else(|| candle_core::Error::Msg("audio placeholders without audio frames".into()))?;
+            let emb = self.audio.as_ref().ok_or_else(|| candle_core::Error::Msg("this checkpoint has no audio embedder".into()))?;
+            let out = emb.forward(&frames.to_dtype(self.dtype)?)?;
+            if out.dim(0)? != n_audio {
+                candle_core::bail!("{n_audio} audio placeholders but {} audio frames", out.dim(0)?);
+            }
+            Some(out)
+        } else {
+            None
+        };
+        let image = if n_image > 0 {
+            let emb = self.vision.as_ref().ok_or_else(|| candle_core::Error::Msg("this checkpoint has no vision embedder".into()))?;
+            let parts = input.images.iter().map(|img| emb.forward(img)).collect::<Result<Vec<_>>>()?;
+            let all = Tensor::cat(&parts, 0)?;
+            if all.dim(0)? != n_image {
+                candle_core::bail!("{n_image} image placeholders but {} image patches", all.dim(0)?);
+            }
+            Some(all)
+        } else {
+            None
+        };
+        // Splice runs of rows from the three sources together, in token order.
+        #[derive(PartialEq, Clone, Copy)]
+        enum Src {
+            Text,
+            Audio,
+            Image,
+        }
+        let src = |t: u32| if is_audio(t) { Src::Audio } else if is_image(t) { Src::Image } else { Src::Text };
+        let mut pieces = Vec::new();
+        let (mut ai, mut ii) = (0usize, 0usize);
+        let mut i = 0;
+        while i < input.tokens.len() {
+            let s = src(input.tokens[i]);
+            let mut j = i;
+            while j < input.tokens.len() && src(input.tokens[j]) == s {
+                j += 1;
+            }
+            let len = j - i;
+            pieces.push(match s {
+                Src::Text => text.narrow(0, i, len)?,
+                Src::Audio => {
+                    ai += len;
+                    audio.as_ref().expect("counted").narrow(0, ai - len, len)?
+                }
+                Src::Image => {
+                    ii += len;
+                    image.as_ref().expect("counted").narrow(0, ii - len, len)?.to_dtype(self.dtype)?
+                }
+            });
+            i = j;
+        }
+        Tensor::cat(&pieces, 0)
+    }
+
+    /// Block id per new token: runs of image placeholders attend to each other both ways.
+    fn blocks(&self, tokens: &[u32]) -> Vec<i32> {
+        let c = &self.config;
+        let mut out = vec![-1; tokens.len()];
+        if !c.text.bidirectional_vision {
+            return out;
+        }
+        let mut block = -1;
+        let mut prev_image = false;
+        for (i, &t) in tokens.iter().enumerate() {
+            let image = t == c.image_token_id || t == c.video_token_id;
+            if image && !prev_image {
+                block += 1;
+            }
+            if image {
+                out[i] = block;
+            }
+            prev_image = image;
+        }
+        out
+    }
+
+    fn rope_tables(&self, inv: &[f32], start: usize, n: usize) -> Result<(Tensor, Tensor)> {
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in start..start + n {
+            for &f in inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (n, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Runs the new tokens through the network, appending to `cache`. Returns logits
+    /// `[n, vocab]` (or `[1, vocab]` for the last position).
+    pub fn forward(&self, input: &ForwardInput, cache: &mut KvCache) -> Result<Tensor> {
+        let n = input.tokens.len();
+        if n == 0 {
+            candle_core::bail!("forward needs at least one token");
+        }
+        let start = cache.seq_len();
+        if start + n > self.config.text.max_position_embeddings {
+            candle_core::bail!("context of {} tokens exceeds the model's {} positions", start + n, self.config.text.max_position_embeddings);
+        }
+        let mut x = self.embed(input)?;
+        let blocks = self.blocks(input.tokens);
+        let rope_s = self.rope_tables(&self.inv_freq_sliding, start, n)?;
+        let rope_f = self.rope_tables(&self.inv_freq_full, start, n)?;
+        let t = &self.config.text;
+        let eps = t.rms_norm_eps as f32;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let (cos, sin) = if layer.attn.spec.kind == LayerKind::Sliding { &rope_s } else { &rope_f };
+            let residual = x.clone();
+            let h = rms(&x, &layer.input_norm, eps)?;
+            let h = self.attention(&layer.attn, li, &h, cos, sin, start, &blocks, cache)?;
+            let h = rms(&h, &layer.post_attn_norm, eps)?;
+            x = (residual + h)?;
+            let residual = x.clone();
+            let h = rms(&x, &layer.pre_ff_norm, eps)?;
+            let gate = layer.mlp.gate.forward(&h)?.gelu()?;
+            let h = layer.mlp.down.forward(&(gate * layer.mlp.up.forward(&h)?)?)?;
+            let h = rms(&h, &layer.post_ff_norm, eps)?;
+            x = (residual + h)?.broadcast_mul(&layer.layer_scalar)?;
+        }
+        cache.advance(n);
+        let x = if input.all_logits { x } else { x.narrow(0, n - 1, 1)? };
+        let x = rms(&x, &self.norm, eps)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        match t.final_logit_softcapping {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        a: &Attention,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        start: usize,
+        blocks: &[i32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let t = &self.config.text;
+        let n = x.dim(0)?;
+        let (heads, kv, hd) = (t.num_attention_heads, a.spec.num_kv_heads, a.spec.head_dim);
+        let eps = t.rms_norm_eps as f32;
+        let q = a.q_proj.forward(x)?.reshape((n, heads, hd))?;
+        let q = rms(&q, &a.q_norm, eps)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k_raw = a.k_proj.forward(x)?.reshape((n, kv, hd))?;
+        let v_raw = match &a.v_proj {
+            Some(v) => v.forward(x)?.reshape((n, kv, hd))?,
+            None => k_raw.clone(),
+        };
+        let k = rms(&k_raw, &a.k_norm, eps)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
+        let v = rms(&v_raw, &a.ones, eps)?.transpose(0, 1)?.contiguous()?;
+
+        let (k_all, v_all, key_start) = cache.append(layer, &k, &v)?;
+        let m = k_all.dim(1)?;
+        let mask = self.mask(a.spec.kind, start, n, key_start, m, blocks)?;
+
+        let groups = heads / kv;
+        let q = q.squeeze(0)?.reshape((kv, groups * n, hd))?;
+        let scores = q.matmul(&k_all.transpose(1, 2)?.contiguous()?)?; // [kv, groups·n, m]
+        let scores = scores.to_dtype(DType::F32)?.reshape((kv, groups, n, m))?.broadcast_add(&mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?.reshape((kv, groups * n, m))?;
+        let out = probs.matmul(&v_all)?; // [kv, groups·n, hd]
+        let out = out.reshape((heads, n, hd))?.transpose(0, 1)?.contiguous()?.reshape((n, heads * hd))?;
+        a.o_proj.forward(&out)
+    }
+
+    /// Additive mask `[n, m]`: 0 where query `start+i` may see key `key_start+j`.
+    fn mask(&self, kind: LayerKind, start: usize, n: usize, key_start: usize, m: usize, blocks: &[i32]) -> Result<Tensor> {
+        let window = self.config.text.sliding_window;
+        let mut data = vec![f32::NEG_INFINITY; n * m];
+        for i in 0..n {
+            let q = start + i;
+            for j in 0..m {
+                let k = key_start + j;
+                let causal = k <= q && (kind == LayerKind::Full || q - k < window);
+                // Same image block: both ways (keys of this call only; blocks never span calls).
+                let same_block = k >= start && {
+                    let b = blocks[k - start];
+                    b >= 0 && b == blocks[i]
+                };
+                if causal || same_block {
+                    data[i * m + j] = 0.0;
+                }
+            }
+        }
+        Tensor::from_vec(data, (n, m), &self.device)
+    }
+
+    /// Embeds raw 16 kHz audio frames `[n, 640]` (exposed for streaming prefill).
+    pub fn has_audio(&self) -> bool {
+        self.audio.is_some()
+    }
+
+    pub fn has_vision(&self) -> bool {
+        self.vision.is_some()
+    }
+
+    pub fn ones_hidden(&self) -> &Tensor {
+        &self.ones_hidden
+    }
+}
+
+/// RMSNorm over the last dimension, computed in f32 as transformers does.
+fn rms(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let y = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, eps)?;
+    y.to_dtype(dtype)
+}
+
+#[allow(dead_code)]
+fn last_dim(x: &Tensor) -> Result<usize> {
+    x.dim(D::Minus1)
+}
