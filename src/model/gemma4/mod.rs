@@ -3,9 +3,13 @@
 
 pub mod cache;
 pub mod config;
+pub mod init;
 pub mod loader;
 pub mod model;
 pub mod sampling;
+pub mod template;
+pub mod tokenizer;
+pub mod tool_call;
 
 pub use cache::KvCache;
 pub use config::Gemma4Config;

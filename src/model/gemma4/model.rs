@@ -135,8 +135,8 @@ impl VisionEmbedder {
             xs.push(x as u32);
             ys.push(y as u32);
         }
-        let table_x = self.pos_embedding.narrow(1, 0, 1)?.squeeze(1)?;
-        let table_y = self.pos_embedding.narrow(1, 1, 1)?.squeeze(1)?;
+        let table_x = self.pos_embedding.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+        let table_y = self.pos_embedding.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?;
         let pos = (table_x.index_select(&Tensor::new(xs.as_slice(), dev)?, 0)?
             + table_y.index_select(&Tensor::new(ys.as_slice(), dev)?, 0)?)?;
         let h = self.pos_norm.forward(&(h + pos)?)?;

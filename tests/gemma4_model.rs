@@ -1,0 +1,78 @@
+//! The embedded Gemma 4 on a random-weight checkpoint of the real layout, written
+//! by `hark model init` and read back through the real safetensors loader.
+
+use candle_core::{DType, Device, Tensor};
+use hark::model::gemma4::init::{write_random_checkpoint, Preset};
+use hark::model::gemma4::{loader, ForwardInput, ImageInput};
+
+fn tiny_checkpoint() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_random_checkpoint(Preset::Tiny, dir.path(), false, 11, |_, _| {}).unwrap();
+    dir
+}
+
+fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    diff / scale
+}
+
+#[test]
+fn incremental_decoding_matches_a_full_forward_across_the_window() {
+    let ckpt = tiny_checkpoint();
+    let model = loader::load(ckpt.path(), DType::F32, &Device::Cpu).unwrap();
+    // The tiny preset's sliding window is 64: 150 tokens cross it twice.
+    let tokens: Vec<u32> = (0..150u32).map(|i| 300 + (i * 37) % 90).collect();
+    let mut cache = model.new_cache();
+    let full = model.forward(&ForwardInput { tokens: &tokens, all_logits: true, ..Default::default() }, &mut cache).unwrap();
+    assert_eq!(full.dims(), &[150, 262_144]);
+    assert_eq!(cache.seq_len(), 150);
+
+    // Same tokens: a prefix (turn one), then a chunk (turn two), then one at a time.
+    let mut cache = model.new_cache();
+    let a = model.forward(&ForwardInput { tokens: &tokens[..70], all_logits: true, ..Default::default() }, &mut cache).unwrap();
+    let b = model.forward(&ForwardInput { tokens: &tokens[70..130], all_logits: true, ..Default::default() }, &mut cache).unwrap();
+    let mut steps = vec![a, b];
+    for i in 130..150 {
+        steps.push(model.forward(&ForwardInput { tokens: &tokens[i..i + 1], all_logits: true, ..Default::default() }, &mut cache).unwrap());
+    }
+    let incremental = Tensor::cat(&steps, 0).unwrap();
+    let err = max_rel_err(&incremental, &full);
+    assert!(err < 1e-4, "incremental vs full: {err}");
+    // The sliding layers hold only their window.
+    assert!(cache.bytes() < 150 * 4 * 2 * 2 * 16 * 4, "{} bytes cached", cache.bytes());
+}
+
+#[test]
+fn audio_and_image_placeholders_are_embedded() {
+    let ckpt = tiny_checkpoint();
+    let model = loader::load(ckpt.path(), DType::F32, &Device::Cpu).unwrap();
+    let cfg = &model.config;
+    let mut tokens = vec![2u32, 105, 300, 301, cfg.boa_token_id];
+    tokens.extend(std::iter::repeat_n(cfg.audio_token_id, 3));
+    tokens.extend([cfg.eoa_token_id, cfg.boi_token_id]);
+    tokens.extend(std::iter::repeat_n(cfg.image_token_id, 2));
+    tokens.extend([cfg.eoi_token_id, 106]);
+    let frames = Tensor::randn(0f32, 0.1, (3, 640), &Device::Cpu).unwrap();
+    let image = ImageInput { patches: Tensor::rand(0f32, 1.0, (2, 6912), &Device::Cpu).unwrap(), positions: vec![(0, 0), (1, 0)] };
+    let images = [image];
+    let mut cache = model.new_cache();
+    let logits = model
+        .forward(&ForwardInput { tokens: &tokens, audio_frames: Some(&frames), images: &images, all_logits: true }, &mut cache)
+        .unwrap();
+    assert_eq!(logits.dims(), &[tokens.len(), 262_144]);
+    // Different audio gives different logits after the audio (it really went in).
+    let frames2 = Tensor::randn(0f32, 0.1, (3, 640), &Device::Cpu).unwrap();
+    let mut cache = model.new_cache();
+    let logits2 = model
+        .forward(&ForwardInput { tokens: &tokens, audio_frames: Some(&frames2), images: &images, all_logits: true }, &mut cache)
+        .unwrap();
+    let before = max_rel_err(&logits.narrow(0, 0, 4).unwrap(), &logits2.narrow(0, 0, 4).unwrap());
+    let after = max_rel_err(&logits.narrow(0, 8, 1).unwrap(), &logits2.narrow(0, 8, 1).unwrap());
+    assert_eq!(before, 0.0, "audio must not affect earlier positions (causal)");
+    assert!(after > 1e-6, "audio must affect later positions");
+    // A placeholder count mismatch is an error, not a panic.
+    let mut cache = model.new_cache();
+    let err = model.forward(&ForwardInput { tokens: &tokens, audio_frames: None, images: &images, all_logits: false }, &mut cache);
+    assert!(err.is_err());
+}
