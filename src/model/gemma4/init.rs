@@ -144,7 +144,8 @@ fn tensors(p: Preset) -> Vec<(String, Vec<usize>, Init)> {
     t.push(("model.language_model.norm.weight".into(), vec![d.hidden], Init::NearOne(0.1)));
     t.push(("model.embed_audio.embedding_projection.weight".into(), vec![d.hidden, 640], Init::Normal(std)));
     let patch = 48 * 48 * 3;
-    let v = "model.embed_vision";
+    // The on-disk names, as save_pretrained writes them.
+    let v = "model.vision_embedder";
     t.push((format!("{v}.patch_ln1.weight"), vec![patch], Init::NearOne(0.1)));
     t.push((format!("{v}.patch_ln1.bias"), vec![patch], Init::Zero));
     t.push((format!("{v}.patch_dense.weight"), vec![d.hidden, patch], Init::Normal(std)));
@@ -154,7 +155,7 @@ fn tensors(p: Preset) -> Vec<(String, Vec<usize>, Init)> {
     t.push((format!("{v}.pos_embedding"), vec![d.mm_posemb, 2, d.hidden], Init::Normal(std)));
     t.push((format!("{v}.pos_norm.weight"), vec![d.hidden], Init::NearOne(0.1)));
     t.push((format!("{v}.pos_norm.bias"), vec![d.hidden], Init::Zero));
-    t.push((format!("{v}.multimodal_embedder.embedding_projection.weight"), vec![d.hidden, d.hidden], Init::Normal(std)));
+    t.push(("model.embed_vision.embedding_projection.weight".into(), vec![d.hidden, d.hidden], Init::Normal(std)));
     t
 }
 

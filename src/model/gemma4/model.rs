@@ -96,9 +96,16 @@ impl LayerNorm {
         Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")? })
     }
 
+    /// Two-pass (centre, then variance) in f32: the fused one-pass kernel loses
+    /// precision on pixel values, whose mean is large next to their spread.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         // torch.nn.LayerNorm's default eps.
-        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, 1e-5)
+        let y = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+        y.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?.broadcast_add(&self.bias.to_dtype(DType::F32)?)?.to_dtype(dtype)
     }
 }
 
@@ -233,14 +240,27 @@ impl Gemma4Model {
             Linear::new(embed, None)
         };
         let audio = match &config.audio {
-            Some(a) if vb.contains_tensor("model.embed_audio.embedding_projection.weight") => {
-                Some(MultimodalEmbedder::load(&vb.pp("model.embed_audio"), a.samples_per_token, t.hidden_size, a.rms_norm_eps)?)
-            }
-            _ => None,
+            Some(a) => Some(MultimodalEmbedder::load(&vb.pp("model.embed_audio"), a.samples_per_token, t.hidden_size, a.rms_norm_eps)?),
+            None => None,
         };
         let vision = match &config.vision {
-            Some(v) if vb.contains_tensor("model.embed_vision.patch_dense.weight") => {
-                let e = vb.pp("model.embed_vision");
+            Some(v) => {
+                // On disk (save_pretrained and the hub) the vision weights live under
+                // `model.vision_embedder.*` with the projection at
+                // `model.embed_vision.embedding_projection`; in transformers' memory they
+                // are `model.embed_vision.*` and `…multimodal_embedder.embedding_projection`.
+                // Accept both spellings.
+                let (e, proj) = if vb.contains_tensor("model.vision_embedder.patch_dense.weight") {
+                    (vb.pp("model.vision_embedder"), vb.pp("model.embed_vision"))
+                } else if vb.contains_tensor("model.embed_vision.patch_dense.weight") {
+                    (vb.pp("model.embed_vision"), vb.pp("model.embed_vision.multimodal_embedder"))
+                } else {
+                    return Err(candle_core::Error::Msg(
+                        "config.json has a vision_config but the checkpoint has no vision embedder weights \
+                         (model.vision_embedder.patch_dense.weight)"
+                            .into(),
+                    ));
+                };
                 Some(VisionEmbedder {
                     ln1: LayerNorm::load(&e.pp("patch_ln1"), v.patch_dim())?,
                     dense: Linear::new(
@@ -250,11 +270,11 @@ impl Gemma4Model {
                     ln2: LayerNorm::load(&e.pp("patch_ln2"), v.mm_embed_dim)?,
                     pos_embedding: e.get((v.mm_posemb_size, 2, v.mm_embed_dim), "pos_embedding")?,
                     pos_norm: LayerNorm::load(&e.pp("pos_norm"), v.mm_embed_dim)?,
-                    embedder: MultimodalEmbedder::load(&e.pp("multimodal_embedder"), v.output_proj_dims, t.hidden_size, v.rms_norm_eps)?,
+                    embedder: MultimodalEmbedder::load(&proj, v.output_proj_dims, t.hidden_size, v.rms_norm_eps)?,
                     patch_dim: v.patch_dim(),
                 })
             }
-            _ => None,
+            None => None,
         };
         let sliding_hd = t.layers.iter().find(|l| l.kind == LayerKind::Sliding).map(|l| l.head_dim).unwrap_or(2);
         let full_hd = t.layers.iter().find(|l| l.kind == LayerKind::Full).map(|l| l.head_dim).unwrap_or(2);
@@ -288,7 +308,7 @@ impl Gemma4Model {
     }
 
     /// Embeds tokens and splices in audio frames and image patches at their placeholders.
-    fn embed(&self, input: &ForwardInput) -> Result<Tensor> {
+    pub fn embed(&self, input: &ForwardInput) -> Result<Tensor> {
         let c = &self.config;
         let is_audio = |t: u32| t == c.audio_token_id;
         let is_image = |t: u32| t == c.image_token_id || t == c.video_token_id;
@@ -523,7 +543,3 @@ fn rms(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     y.to_dtype(dtype)
 }
 
-#[allow(dead_code)]
-fn last_dim(x: &Tensor) -> Result<usize> {
-    x.dim(D::Minus1)
-}
