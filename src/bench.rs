@@ -152,3 +152,57 @@ fn run_once(factory: &VadFactory, signal: &Arc<Vec<u8>>, streams: usize, paced: 
         rt_factor: audio_seconds * streams as f64 / wall,
     })
 }
+
+/// `hark bench model`: prefill and decode speed of the embedded model on random-weight
+/// presets (written to a temporary folder first).
+pub fn model(presets: &[String], prompt: usize, decode: usize, device: &str, dtypes: &[String]) -> anyhow::Result<()> {
+    use crate::model::embedded::{select_device, select_dtype};
+    use crate::model::gemma4::init::{write_random_checkpoint, Preset};
+    use crate::model::gemma4::{loader, ForwardInput};
+
+    let dev = select_device(device)?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("hark bench model: random-weight presets on {device} ({cores} cores); prefill {prompt} tokens in one call, then decode {decode} tokens one at a time\n");
+    println!("| preset | dtype | params | prefill tok/s | decode tok/s | decode ms/token |");
+    println!("|--------|-------|-------:|--------------:|-------------:|----------------:|");
+    for name in presets {
+        let preset = Preset::parse(name).ok_or_else(|| anyhow::anyhow!("unknown preset {name}"))?;
+        anyhow::ensure!(preset != Preset::Gemma12B || device != "cpu", "the 12b preset is not benchmarked on CPU");
+        let dir = tempfile_dir(name)?;
+        write_random_checkpoint(preset, &dir, false, 1, |_, _| {})?;
+        for dt in dtypes {
+            let dtype = select_dtype(dt)?;
+            let model = loader::load(&dir, dtype, &dev)?;
+            let params = std::fs::metadata(dir.join("model.safetensors"))?.len() / 4;
+            let tokens: Vec<u32> = (0..prompt as u32).map(|i| 300 + (i * 7919) % 5000).collect();
+            let mut cache = model.new_cache();
+            // One warm-up call so first-touch page faults of the weights are not timed.
+            model.forward(&ForwardInput { tokens: &tokens[..8], ..Default::default() }, &mut model.new_cache())?;
+            let t = Instant::now();
+            let mut logits = model.forward(&ForwardInput { tokens: &tokens, ..Default::default() }, &mut cache)?;
+            let prefill = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for _ in 0..decode {
+                let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+                let next = crate::model::gemma4::sampling::argmax(&row);
+                logits = model.forward(&ForwardInput { tokens: &[next], ..Default::default() }, &mut cache)?;
+            }
+            let dec = t.elapsed().as_secs_f64();
+            println!(
+                "| {name:<6} | {dt:<5} | {:>5.0}M | {:>13.0} | {:>12.1} | {:>15.1} |",
+                params as f64 / 1e6,
+                prompt as f64 / prefill,
+                decode as f64 / dec,
+                dec * 1000.0 / decode as f64
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+fn tempfile_dir(name: &str) -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("hark-bench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

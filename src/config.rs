@@ -55,13 +55,52 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct BackendConfig {
     pub kind: BackendKind,
+    pub embedded: EmbeddedBackendConfig,
     pub openai: OpenAiBackendConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
+    /// Gemma 4 in-process (candle).
+    Embedded,
+    /// Any OpenAI-compatible chat-completions server.
     Openai,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedBackendConfig {
+    /// A `gemma4_unified` checkpoint folder (config.json, *.safetensors, tokenizer.json).
+    pub checkpoint: PathBuf,
+    /// `cpu` or `cuda` (`cuda:N` for another GPU; needs a build with `--features cuda`).
+    pub device: String,
+    /// Weight and activation type: `f32`, `bf16` or `f16`.
+    pub dtype: String,
+    /// Defaults for responses that set none.
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub seed: u64,
+    /// Sessions whose KV caches are kept for reuse across turns.
+    pub cached_sessions: usize,
+}
+
+impl Default for EmbeddedBackendConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint: "models/gemma-4-12b-it".into(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            max_tokens: 512,
+            temperature: 0.7,
+            top_k: Some(64),
+            top_p: Some(0.95),
+            seed: 0,
+            cached_sessions: 4,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -211,7 +250,7 @@ impl Default for ServerConfig {
 
 impl Default for BackendConfig {
     fn default() -> Self {
-        Self { kind: BackendKind::Openai, openai: OpenAiBackendConfig::default() }
+        Self { kind: BackendKind::Embedded, embedded: EmbeddedBackendConfig::default(), openai: OpenAiBackendConfig::default() }
     }
 }
 

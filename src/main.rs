@@ -33,6 +33,41 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Work with Gemma 4 checkpoints.
+    Model {
+        #[command(subcommand)]
+        what: ModelCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Write a random-weight checkpoint of the real layout (config.json,
+    /// model.safetensors, tokenizer.json), so hark runs without downloading weights.
+    Init {
+        /// tiny (tests), small (CPU benchmarks) or 12b (the real shapes, ≈24 GB in bf16)
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Random weights (the only kind hark can make; required to say so).
+        #[arg(long)]
+        random: bool,
+        /// Store weights as bf16 (default) or f32.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        dir: PathBuf,
+    },
+    /// Run one forward pass and write the logits as .npy (for checking a checkpoint
+    /// against another implementation).
+    Logits {
+        checkpoint: PathBuf,
+        /// JSON: {"input_ids": [...], "audio": "clip.wav" (16 kHz mono), "dtype": "f32"}
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -50,6 +85,24 @@ enum BenchCommand {
         /// Pace appends in real time (20 ms chunks) instead of as fast as possible.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         realtime: bool,
+    },
+    /// Prefill and decode tokens/s of the embedded model on random-weight presets.
+    Model {
+        /// Presets to measure, comma-separated (tiny, small).
+        #[arg(long, default_value = "tiny,small", value_delimiter = ',')]
+        presets: Vec<String>,
+        /// Prompt length for the prefill measurement.
+        #[arg(long, default_value_t = 512)]
+        prompt: usize,
+        /// Tokens to decode.
+        #[arg(long, default_value_t = 32)]
+        decode: usize,
+        /// cpu or cuda
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Comma-separated dtypes to measure.
+        #[arg(long, default_value = "f32,bf16", value_delimiter = ',')]
+        dtypes: Vec<String>,
     },
 }
 
@@ -101,6 +154,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(&config)?;
             init_logging("warn");
             hark::bench::pipeline(&config, &streams, seconds, realtime)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what: BenchCommand::Model { presets, prompt, decode, device, dtypes } } => {
+            init_logging("warn");
+            hark::bench::model(&presets, prompt, decode, &device, &dtypes)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model { what: ModelCommand::Init { preset, random, dtype, seed, dir } } => {
+            use hark::model::gemma4::init::{write_random_checkpoint, Preset};
+            let p = Preset::parse(&preset).ok_or_else(|| anyhow::anyhow!("unknown preset '{preset}'; use tiny, small or 12b"))?;
+            anyhow::ensure!(random, "hark can only make random-weight checkpoints; pass --random to say that is what you want");
+            let bf16 = match dtype.as_str() {
+                "bf16" => true,
+                "f32" => false,
+                other => anyhow::bail!("--dtype {other}: use bf16 or f32"),
+            };
+            let mut last = 0;
+            write_random_checkpoint(p, &dir, bf16, seed, |done, total| {
+                let pct = done * 100 / total.max(1);
+                if pct >= last + 5 || done == total {
+                    last = pct;
+                    eprint!("\rwriting {}: {pct:>3}% of {} MB", dir.display(), total / 1_000_000);
+                }
+            })
+            .with_context(|| format!("writing {}", dir.display()))?;
+            eprintln!();
+            println!("{}: random {preset} checkpoint written", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model { what: ModelCommand::Logits { checkpoint, inputs, out } } => {
+            hark::model::gemma4::logits_command(&checkpoint, &inputs, &out)?;
+            println!("{}: logits written", out.display());
             Ok(ExitCode::SUCCESS)
         }
     }

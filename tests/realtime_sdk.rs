@@ -23,10 +23,21 @@ fn python() -> String {
 }
 
 async fn run_sdk_client(dialect: &str, text: &str) -> (Value, Vec<Value>) {
-    let dir = tempfile::tempdir().unwrap();
-    let wav = speech_wav(dir.path(), "utterance", text, 0.8, 1.2);
     let model = ScriptedModel::start().await;
     let hark = Hark::start(test_config(&model.base_url())).await;
+    let result = run_script(&hark, dialect, text).await;
+    (result, model.requests())
+}
+
+/// Runs `tests/clients/realtime_vad.py` against `hark` with espeak-ng speech; returns its RESULT.
+pub async fn run_script(hark: &Hark, dialect: &str, text: &str) -> Value {
+    run_script_with(hark, dialect, text, &[]).await
+}
+
+async fn run_script_with(hark: &Hark, dialect: &str, text: &str, extra: &[&str]) -> Value {
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let wav = speech_wav(dir.path(), "utterance", text, 0.8, 1.2);
 
     let script = repo_root().join("tests/clients/realtime_vad.py");
     let base = hark.base_url();
@@ -37,6 +48,7 @@ async fn run_sdk_client(dialect: &str, text: &str) -> (Value, Vec<Value>) {
         Command::new(py)
             .arg(script)
             .args(["--base-url", &base, "--dialect", &dialect_arg, "--wav", &wav_arg, "--tolerance-ms", "150", "--timeout-s", "40"])
+            .args(&extra)
             .output()
             .expect("running the SDK client")
     })
@@ -48,7 +60,7 @@ async fn run_sdk_client(dialect: &str, text: &str) -> (Value, Vec<Value>) {
     let result_line = stdout.lines().rev().find_map(|l| l.strip_prefix("RESULT ")).expect("RESULT line");
     let result: Value = serde_json::from_str(result_line).unwrap();
     eprintln!("{dialect}: {result}");
-    (result, model.requests())
+    result
 }
 
 fn check_request_audio(requests: &[Value], result: &Value) {
@@ -81,4 +93,23 @@ async fn openai_sdk_beta_server_vad_and_response() {
     assert!(result["end_err_ms"].as_f64().unwrap().abs() <= 150.0);
     assert_eq!(result["response_text"], "Hello from the scripted model.");
     check_request_audio(&requests, &result);
+}
+
+/// The same client against the embedded Gemma 4 (a tiny random-weight checkpoint of the
+/// real layout, written by `hark model init`): the content is noise, but the events,
+/// token counts and timing are produced by the real model code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_sdk_against_the_embedded_model() {
+    let ckpt = tempfile::tempdir().unwrap();
+    hark::model::gemma4::init::write_random_checkpoint(hark::model::gemma4::init::Preset::Tiny, ckpt.path(), false, 5, |_, _| {}).unwrap();
+    let mut cfg = test_config("http://127.0.0.1:9/v1");
+    cfg.backend.kind = hark::config::BackendKind::Embedded;
+    cfg.backend.embedded.checkpoint = ckpt.path().to_path_buf();
+    cfg.backend.embedded.max_tokens = 24;
+    let hark = Hark::start(cfg).await;
+    // Random weights never choose to stop, so the reply ends at max_output_tokens.
+    let result = run_script_with(&hark, "ga", "what is the weather like in paris today", &["--accept-incomplete"]).await;
+    assert!(result["start_err_ms"].as_f64().unwrap().abs() <= 150.0);
+    assert!(result["end_err_ms"].as_f64().unwrap().abs() <= 150.0);
+    assert!(!result["response_text"].as_str().unwrap().is_empty(), "{result}");
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`openai::OpenAiBackend`]: any OpenAI-compatible chat-completions server.
 
+pub mod embedded;
 pub mod gemma4;
 pub mod openai;
 pub mod wav;

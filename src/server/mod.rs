@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{AudioPartStyle, BackendKind, Config, VadKind};
 use crate::media::vad::SileroModel;
+use crate::model::embedded::{EmbeddedBackend, EmbeddedSettings};
 use crate::model::openai::{AudioPart, OpenAiBackend, OpenAiSettings};
 use crate::model::Backend;
 use crate::session::{SessionDeps, SessionSettings, VadFactory};
@@ -72,6 +73,23 @@ impl AppState {
 
 pub fn build_backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
     match config.backend.kind {
+        BackendKind::Embedded => {
+            let c = &config.backend.embedded;
+            let settings = EmbeddedSettings {
+                checkpoint: config.resolve(&c.checkpoint),
+                device: c.device.clone(),
+                dtype: c.dtype.clone(),
+                max_tokens: c.max_tokens,
+                temperature: c.temperature,
+                top_k: c.top_k,
+                top_p: c.top_p,
+                seed: c.seed,
+                cached_sessions: c.cached_sessions,
+            };
+            tracing::info!("loading {} on {} ({})", settings.checkpoint.display(), c.device, c.dtype);
+            let backend = EmbeddedBackend::start(settings).context("starting the embedded model (backend.embedded in config.yaml)")?;
+            Ok(Arc::new(backend))
+        }
         BackendKind::Openai => {
             let c = &config.backend.openai;
             let api_key = resolve_secret(&c.api_key)?;

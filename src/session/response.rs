@@ -161,7 +161,8 @@ impl ResponseRun {
                 true
             }
             BackendEvent::Done { finish, usage } => {
-                self.close_all(ItemStatus::Completed, conv, events);
+                let item_status = if finish == FinishReason::Length { ItemStatus::Incomplete } else { ItemStatus::Completed };
+                self.close_all(item_status, conv, events);
                 let (status, details) = match finish {
                     FinishReason::Length => {
                         (ResponseStatus::Incomplete, Some(json!({"type": "incomplete", "reason": "max_output_tokens"})))

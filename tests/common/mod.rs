@@ -196,6 +196,7 @@ pub struct Hark {
 pub fn test_config(model_base_url: &str) -> Config {
     let mut c = Config::default();
     c.server.port = 0;
+    c.backend.kind = hark::config::BackendKind::Openai;
     c.audio.onnxruntime_library = repo_root().join("vendor/libonnxruntime.so");
     c.audio.silero_model = repo_root().join("vendor/silero_vad.onnx");
     c.backend.openai.base_url = model_base_url.to_string();

@@ -16,3 +16,37 @@ pub use audio::{audio_frames, audio_tokens};
 pub use cache::KvCache;
 pub use config::Gemma4Config;
 pub use model::{ForwardInput, Gemma4Model, ImageInput};
+
+/// `hark model logits`: one forward over the ids (and audio) in `inputs`, logits to `.npy`.
+pub fn logits_command(checkpoint: &std::path::Path, inputs: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(inputs).with_context(|| format!("reading {}", inputs.display()))?;
+    let spec: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", inputs.display()))?;
+    let ids: Vec<u32> = spec["input_ids"]
+        .as_array()
+        .context("inputs.json needs \"input_ids\": [..]")?
+        .iter()
+        .map(|v| v.as_u64().map(|x| x as u32).context("input_ids must be non-negative integers"))
+        .collect::<anyhow::Result<_>>()?;
+    let dtype = match spec["dtype"].as_str().unwrap_or("f32") {
+        "f32" => candle_core::DType::F32,
+        "bf16" => candle_core::DType::BF16,
+        other => anyhow::bail!("dtype {other}: use f32 or bf16"),
+    };
+    let device = candle_core::Device::Cpu;
+    let model = loader::load(checkpoint, dtype, &device)?;
+    let audio = match spec["audio"].as_str() {
+        None => None,
+        Some(path) => {
+            let base = inputs.parent().unwrap_or(std::path::Path::new("."));
+            let mut r = hound::WavReader::open(base.join(path)).with_context(|| format!("opening {path}"))?;
+            anyhow::ensure!(r.spec().sample_rate == 16_000 && r.spec().channels == 1, "{path}: needs 16 kHz mono");
+            let samples: Vec<f32> = r.samples::<i16>().map(|s| s.map(|s| s as f32 / 32768.0)).collect::<Result<_, _>>()?;
+            Some(audio_frames(&samples, &device)?)
+        }
+    };
+    let mut cache = model.new_cache();
+    let logits = model.forward(&ForwardInput { tokens: &ids, audio_frames: audio.as_ref(), images: &[], all_logits: true }, &mut cache)?;
+    logits.write_npy(out)?;
+    Ok(())
+}

@@ -109,6 +109,12 @@ pub struct RenderOptions {
     /// The template's `enable_thinking`: `<|think|>` opens the system turn and the
     /// generation prompt leaves the thought channel to the model. Off by default.
     pub enable_thinking: bool,
+    /// Writes past model turns with the empty thought channel they were generated
+    /// after (`<|turn>model\n<|channel>thought\n<channel|>…`). The official template
+    /// drops it, which makes a re-rendered history diverge from the tokens the model
+    /// actually saw and defeats KV-cache reuse across turns; hark's embedded backend
+    /// turns this on so each turn only prefills what is new.
+    pub keep_empty_thought_in_history: bool,
 }
 
 /// Renders a whole prompt with thinking off.
@@ -229,6 +235,9 @@ pub fn render_with_options(
                 if model == ModelTurn::Closed {
                     out.push_str(TURN_START);
                     out.push_str("model\n");
+                    if options.keep_empty_thought_in_history && !options.enable_thinking {
+                        out.push_str(EMPTY_THOUGHT);
+                    }
                 }
                 // "{{- strip_thinking(message['content']) -}}"
                 out.push_str(&strip_thinking(text));
@@ -808,6 +817,7 @@ temperature:15,unit:<|\"|>C<|\"|>,weather:<|\"|>Cloudy<|\"|>}<tool_response|>";
         // "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nhello<turn|>\n<|turn>model\n".
         let on = RenderOptions {
             enable_thinking: true,
+            ..Default::default()
         };
         assert_eq!(
             render_with_options(None, &[], &[user("hello")], true, on),
