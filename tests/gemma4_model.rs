@@ -39,8 +39,29 @@ fn incremental_decoding_matches_a_full_forward_across_the_window() {
     let incremental = Tensor::cat(&steps, 0).unwrap();
     let err = max_rel_err(&incremental, &full);
     assert!(err < 1e-4, "incremental vs full: {err}");
-    // The sliding layers hold only their window.
-    assert!(cache.bytes() < 150 * 4 * 2 * 2 * 16 * 4, "{} bytes cached", cache.bytes());
+}
+
+#[test]
+fn sliding_layers_keep_a_bounded_window_and_global_layers_grow() {
+    use hark::model::gemma4::cache::ROLLBACK_SLACK;
+    let ckpt = tiny_checkpoint();
+    let model = loader::load(ckpt.path(), DType::F32, &Device::Cpu).unwrap();
+    let window = model.config.text.sliding_window;
+    let total = window + ROLLBACK_SLACK + 124;
+    let tokens: Vec<u32> = (0..total as u32).map(|i| 300 + (i * 13) % 200).collect();
+    let mut cache = model.new_cache();
+    for chunk in tokens.chunks(100) {
+        model.forward(&ForwardInput { tokens: chunk, ..Default::default() }, &mut cache).unwrap();
+    }
+    // tiny: layers S,F,S,F; sliding 2 KV heads × 16, global 1 KV head × 32; K and V; f32.
+    let sliding = 2 * 2 * (2 * 16) * 4 * (window + ROLLBACK_SLACK);
+    let global = 2 * 2 * 32 * 4 * total;
+    assert_eq!(cache.bytes(), sliding + global);
+    // Rolling back within the slack works; past it, it is refused and nothing changes.
+    assert!(!cache.truncate(total - ROLLBACK_SLACK - 10).unwrap());
+    assert_eq!(cache.seq_len(), total);
+    assert!(cache.truncate(total - 100).unwrap());
+    assert_eq!(cache.seq_len(), total - 100);
 }
 
 #[test]
@@ -75,4 +96,59 @@ fn audio_and_image_placeholders_are_embedded() {
     let mut cache = model.new_cache();
     let err = model.forward(&ForwardInput { tokens: &tokens, audio_frames: None, images: &images, all_logits: false }, &mut cache);
     assert!(err.is_err());
+}
+
+#[test]
+fn the_embedded_engine_reuses_its_cache_across_turns() {
+    use hark::model::embedded::{Engine, EmbeddedSettings};
+    use hark::model::{BackendEvent, ChatMessage, GenerateRequest, UserPart};
+    let ckpt = tiny_checkpoint();
+    let settings = EmbeddedSettings {
+        checkpoint: ckpt.path().to_path_buf(),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        max_tokens: 6,
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+        cached_sessions: 2,
+    };
+    let run = |engine: &mut Engine, req: &GenerateRequest| -> String {
+        let out = std::cell::RefCell::new(String::new());
+        let cancel = tokio_util::sync::CancellationToken::new();
+        engine
+            .generate(req, &cancel, &|ev| {
+                if let BackendEvent::TextDelta(t) = ev {
+                    out.borrow_mut().push_str(&t);
+                }
+                true
+            })
+            .unwrap();
+        out.into_inner()
+    };
+    let user = |t: &str| ChatMessage::User(vec![UserPart::Text(t.into())]);
+    let first = GenerateRequest { instructions: "Be brief.".into(), messages: vec![user("hello there")], ..Default::default() };
+    let mut warm = Engine::load(&settings, &Device::Cpu, DType::F32).unwrap();
+    let reply = run(&mut warm, &first);
+    assert!(!reply.is_empty());
+    assert_eq!(warm.last_prefill.0, 0);
+
+    let second = GenerateRequest {
+        messages: vec![user("hello there"), ChatMessage::Assistant { text: reply.clone(), tool_calls: vec![] }, user("and again")],
+        ..first.clone()
+    };
+    let warm_reply = run(&mut warm, &second);
+    let (reused, prefilled) = warm.last_prefill;
+    // Everything up to and including the first reply came from the cache.
+    assert!(reused > prefilled, "reused {reused}, prefilled {prefilled}");
+
+    // The same second turn prefilled from scratch (same tokens: the engine splices the
+    // first reply's generated ids back in, so it must have produced that reply itself).
+    let mut cold = Engine::load(&settings, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(run(&mut cold, &first), reply);
+    cold.clear_caches();
+    let cold_reply = run(&mut cold, &second);
+    assert_eq!(cold.last_prefill.0, 0);
+    assert_eq!(warm_reply, cold_reply, "a reused cache must give the same greedy answer");
 }

@@ -131,7 +131,17 @@ pub struct Engine {
     settings: EmbeddedSettings,
     contexts: Vec<CachedContext>,
     stop_ids: Vec<u32>,
+    /// Tokens reused from a kept cache and tokens prefilled, for the last request.
+    pub last_prefill: (usize, usize),
+    /// Recent replies as the model produced them: (text, token ids). Re-encoding a
+    /// reply's text can give other ids than the ones generated (BPE is not unique),
+    /// which would break the cached prefix at every past reply; splicing the original
+    /// ids back keeps the history token-identical to what the model saw.
+    replies: Vec<(String, Vec<u32>)>,
 }
+
+/// Most replies remembered for re-splicing.
+const MAX_REMEMBERED_REPLIES: usize = 64;
 
 impl Engine {
     pub fn load(settings: &EmbeddedSettings, device: &Device, dtype: DType) -> Result<Self, EmbeddedError> {
@@ -144,7 +154,12 @@ impl Engine {
                 stop_ids.push(id);
             }
         }
-        Ok(Self { model, tokenizer: Arc::new(tokenizer), settings: settings.clone(), contexts: Vec::new(), stop_ids })
+        Ok(Self { model, tokenizer: Arc::new(tokenizer), settings: settings.clone(), contexts: Vec::new(), stop_ids, last_prefill: (0, 0), replies: Vec::new() })
+    }
+
+    /// Drops every kept KV cache (remembered replies stay).
+    pub fn clear_caches(&mut self) {
+        self.contexts.clear();
     }
 
     pub fn model(&self) -> &Gemma4Model {
@@ -170,7 +185,7 @@ impl Engine {
         emit: &dyn Fn(BackendEvent) -> bool,
     ) -> Result<(FinishReason, TokenUsage), String> {
         let prompt = render(request);
-        let tokens = self.tokenizer.encode(&prompt.text).map_err(|e| e.to_string())?;
+        let tokens = self.encode_prompt(&prompt.text)?;
         let vocab = self.model.config.text.vocab_size as u32;
         if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
             return Err(format!("token id {bad} is outside the model's vocabulary of {vocab}; tokenizer and checkpoint do not match"));
@@ -183,6 +198,7 @@ impl Engine {
 
         let mut ctx = self.take_context(&tokens);
         let reused = ctx.tokens.len();
+        self.last_prefill = (reused, tokens.len() - reused);
         // Prefill the new part, in chunks that never split an image block.
         let media = self.media_inputs(&tokens, &prompt)?;
         let mut pos = reused;
@@ -226,6 +242,10 @@ impl Engine {
         let mut generated = 0usize;
         let mut finish = FinishReason::Length;
         let mut listener_gone = false;
+        // The reply's text tokens (up to any tool call), remembered for the next turn.
+        let mut reply_ids: Vec<u32> = Vec::new();
+        let tool_call_id = self.tokenizer.token_id("<|tool_call>");
+        let mut in_calls = false;
         let send = |ev: BackendEvent, gone: &mut bool| {
             if !*gone && !emit(ev) {
                 *gone = true;
@@ -249,6 +269,10 @@ impl Engine {
                 }
                 break;
             }
+            in_calls |= Some(next) == tool_call_id;
+            if !in_calls {
+                reply_ids.push(next);
+            }
             let delta = decoder.push(&self.tokenizer, next).map_err(|e| e.to_string())?;
             for ev in parser.push(&delta) {
                 emit_parsed(ev, &mut calls, &mut |e| send(e, &mut listener_gone));
@@ -261,8 +285,47 @@ impl Engine {
         if finish == FinishReason::Stop && calls > 0 {
             finish = FinishReason::ToolCalls;
         }
+        if !reply_ids.is_empty() {
+            if let Ok(text) = self.tokenizer.decode(&reply_ids) {
+                self.replies.retain(|(t, _)| t != &text);
+                self.replies.push((text, reply_ids));
+                if self.replies.len() > MAX_REMEMBERED_REPLIES {
+                    self.replies.remove(0);
+                }
+            }
+        }
         self.keep_context(ctx);
         Ok((finish, TokenUsage { input_tokens: tokens.len() as u32, output_tokens: generated as u32 }))
+    }
+
+    /// Tokenizes a rendered prompt, splicing in the original ids of remembered replies
+    /// (found right after the empty thought channel that opens each model turn).
+    fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        loop {
+            let hit = self
+                .replies
+                .iter()
+                .filter(|(t, _)| !t.is_empty())
+                .filter_map(|(t, ids)| {
+                    let marker = format!("{}{t}", template::EMPTY_THOUGHT);
+                    rest.find(&marker).map(|pos| (pos, marker.len(), ids))
+                })
+                .min_by_key(|(pos, len, _)| (*pos, usize::MAX - len));
+            match hit {
+                None => {
+                    out.extend(self.tokenizer.encode(rest).map_err(|e| e.to_string())?);
+                    return Ok(out);
+                }
+                Some((pos, len, ids)) => {
+                    let head = pos + template::EMPTY_THOUGHT.len();
+                    out.extend(self.tokenizer.encode(&rest[..head]).map_err(|e| e.to_string())?);
+                    out.extend_from_slice(ids);
+                    rest = &rest[pos + len..];
+                }
+            }
+        }
     }
 
     fn step(&self, ctx: &mut CachedContext, token: u32) -> Result<Tensor, String> {
