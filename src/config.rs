@@ -494,6 +494,32 @@ pub fn check(path: &Path) -> CheckReport {
             report.problems.push(format!("{}: audio: {e}", path.display()));
         }
     }
+    if config.backend.kind == BackendKind::Embedded {
+        let dir = config.resolve(&config.backend.embedded.checkpoint);
+        let cfg = dir.join("config.json");
+        if !cfg.exists() {
+            report.problems.push(format!(
+                "{}: backend.embedded.checkpoint: no checkpoint at {} (put a gemma4_unified checkpoint there, \
+                 or make a random stand-in with `hark model init --preset tiny --random {}`)",
+                path.display(),
+                dir.display(),
+                dir.display()
+            ));
+        } else {
+            if let Err(e) = crate::model::gemma4::Gemma4Config::from_file(&cfg) {
+                report.problems.push(format!("{}: {e}", cfg.display()));
+            }
+            if !dir.join("tokenizer.json").exists() {
+                report.problems.push(format!("{}: tokenizer.json is missing", dir.display()));
+            }
+            if let Err(e) = crate::model::gemma4::loader::weight_files(&dir) {
+                report.problems.push(e.to_string());
+            }
+        }
+        if let Err(e) = crate::model::embedded::select_dtype(&config.backend.embedded.dtype) {
+            report.problems.push(format!("{}: backend.embedded.dtype: {e}", path.display()));
+        }
+    }
     for dir in [&config.agents_dir, &config.tools_dir] {
         let dir = config.resolve(dir);
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };

@@ -39,7 +39,7 @@ async fn the_binary_stops_cleanly_on_sigterm() {
     std::fs::write(
         &config,
         format!(
-            "server: {{host: 127.0.0.1, port: 0}}\nbackend: {{openai: {{base_url: '{}'}}}}\naudio:\n  onnxruntime_library: {}\n  silero_model: {}\n",
+            "server: {{host: 127.0.0.1, port: 0}}\nbackend: {{kind: openai, openai: {{base_url: '{}'}}}}\naudio:\n  onnxruntime_library: {}\n  silero_model: {}\n",
             model.base_url(),
             root.join("vendor/libonnxruntime.so").display(),
             root.join("vendor/silero_vad.onnx").display()
