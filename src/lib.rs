@@ -6,15 +6,18 @@
 //!   (ONNX Runtime), 640-sample model frames. Frames in, frames out.
 //! - [`session`]: one client's realtime session — input buffer, turn detection,
 //!   conversation, the response in flight, barge-in. Transport-agnostic.
-//! - [`model`]: the [`model::Backend`] trait and its implementations (an
-//!   OpenAI-compatible HTTP server today). Backends are driven; they know no transport.
+//! - [`model`]: the [`model::Backend`] trait and its implementations: Gemma 4
+//!   in-process (`model::gemma4`, `model::embedded`) and any OpenAI-compatible server
+//!   (`model::openai`); `model::hub` downloads checkpoints. Backends are driven; they
+//!   know no transport.
 //! - [`server`]: axum HTTP server — the Realtime WebSocket, `/healthz`, `/v1/models`;
 //!   [`server::protocol`] is the one file with the wire protocol's types.
 //! - [`config`]: `config.yaml` and its `HARK_…` environment overrides.
 //! - [`bench`]: `hark bench …` measurements that print tables.
+//! - [`tls`]: the process-wide rustls setup for HTTPS clients.
 //!
 //! Still to come (see `../shared/DESIGN.md` §2): `sources/` (microphone, WebRTC),
-//! `context/` (rolling 256K window), `tools/` (YAML tools), the embedded Gemma 4 model.
+//! `context/` (rolling 256K window), `tools/` (YAML tools).
 
 pub mod bench;
 pub mod config;
@@ -22,3 +25,4 @@ pub mod media;
 pub mod model;
 pub mod server;
 pub mod session;
+pub mod tls;

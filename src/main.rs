@@ -58,6 +58,14 @@ enum ModelCommand {
         seed: u64,
         dir: PathBuf,
     },
+    /// Download a checkpoint from the Hugging Face hub (HF_TOKEN for gated models,
+    /// HF_ENDPOINT for a mirror), with progress.
+    Pull {
+        /// e.g. google/gemma-4-12b-it
+        repo: String,
+        /// Destination folder (default: models/<name>)
+        dir: Option<PathBuf>,
+    },
     /// Run one forward pass and write the logits as .npy (for checking a checkpoint
     /// against another implementation).
     Logits {
@@ -181,6 +189,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing {}", dir.display()))?;
             eprintln!();
             println!("{}: random {preset} checkpoint written", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model { what: ModelCommand::Pull { repo, dir } } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("models").join(repo.rsplit('/').next().unwrap_or(&repo)));
+            let hub = hark::model::hub::Hub::from_env();
+            let rt = tokio::runtime::Runtime::new()?;
+            let mut current = String::new();
+            let mut last_pct = u64::MAX;
+            let files = rt.block_on(hark::model::hub::pull(&hub, &repo, &dir, |file, done, total| {
+                let pct = if total == 0 { 100 } else { done * 100 / total };
+                if file != current || pct != last_pct {
+                    if file != current && !current.is_empty() {
+                        eprintln!();
+                    }
+                    current = file.to_string();
+                    last_pct = pct;
+                    eprint!("\r{file}: {pct:>3}% of {:.1} MB", total as f64 / 1e6);
+                }
+            }))?;
+            eprintln!();
+            println!("{}: {} files from {repo}", dir.display(), files.len());
             Ok(ExitCode::SUCCESS)
         }
         Command::Model { what: ModelCommand::Logits { checkpoint, inputs, out } } => {

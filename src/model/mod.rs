@@ -5,6 +5,7 @@
 
 pub mod embedded;
 pub mod gemma4;
+pub mod hub;
 pub mod openai;
 pub mod wav;
 

@@ -49,6 +49,7 @@ const MAX_SSE_LINE: usize = 4 * 1024 * 1024;
 
 impl OpenAiBackend {
     pub fn new(settings: OpenAiSettings) -> Result<Self, BackendError> {
+        crate::tls::init();
         let http = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
             .build()
