@@ -85,6 +85,8 @@ pub struct EmbeddedBackendConfig {
     pub seed: u64,
     /// Sessions whose KV caches are kept for reuse across turns.
     pub cached_sessions: usize,
+    /// Tokens per image: 70, 140, 280, 560 or 1120 (one per 48×48 patch).
+    pub image_tokens: usize,
 }
 
 impl Default for EmbeddedBackendConfig {
@@ -99,6 +101,7 @@ impl Default for EmbeddedBackendConfig {
             top_p: Some(0.95),
             seed: 0,
             cached_sessions: 4,
+            image_tokens: 280,
         }
     }
 }

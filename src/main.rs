@@ -70,7 +70,7 @@ enum ModelCommand {
     /// against another implementation).
     Logits {
         checkpoint: PathBuf,
-        /// JSON: {"input_ids": [...], "audio": "clip.wav" (16 kHz mono), "dtype": "f32"}
+        /// JSON: {"input_ids": [...], "audio": "clip.wav" (16 kHz mono), "images": ["a.png"], "image_tokens": 280, "image_resize": true, "dtype": "f32"}
         #[arg(long)]
         inputs: PathBuf,
         #[arg(long)]

@@ -113,6 +113,7 @@ fn the_embedded_engine_reuses_its_cache_across_turns() {
         top_p: None,
         seed: 0,
         cached_sessions: 2,
+        image_tokens: 70,
     };
     let run = |engine: &mut Engine, req: &GenerateRequest| -> String {
         let out = std::cell::RefCell::new(String::new());
@@ -151,4 +152,42 @@ fn the_embedded_engine_reuses_its_cache_across_turns() {
     let cold_reply = run(&mut cold, &second);
     assert_eq!(cold.last_prefill.0, 0);
     assert_eq!(warm_reply, cold_reply, "a reused cache must give the same greedy answer");
+}
+
+#[test]
+fn the_embedded_engine_takes_an_image_and_audio_in_one_turn() {
+    use base64::Engine as _;
+    use hark::model::embedded::{EmbeddedSettings, Engine};
+    use hark::model::{ChatMessage, GenerateRequest, UserPart};
+    let ckpt = tiny_checkpoint();
+    let settings = EmbeddedSettings {
+        checkpoint: ckpt.path().to_path_buf(),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        max_tokens: 3,
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+        cached_sessions: 1,
+        image_tokens: 70,
+    };
+    let png = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4/tiny_mm/image.png")).unwrap();
+    let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&png));
+    let audio = std::sync::Arc::new(vec![0.01f32; 16_000]);
+    let req = GenerateRequest {
+        messages: vec![ChatMessage::User(vec![UserPart::Text("what is this?".into()), UserPart::Image(url), UserPart::Audio(audio)])],
+        ..Default::default()
+    };
+    let mut engine = Engine::load(&settings, &Device::Cpu, DType::F32).unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (_, usage) = engine.generate(&req, &cancel, &|_| true).unwrap();
+    let patches = hark::model::gemma4::vision::decode_and_patch(&png, 70).unwrap().positions.len();
+    // 1 s of audio = 25 tokens, plus the image's patches, plus the template's text.
+    assert!(usage.input_tokens as usize > 25 + patches, "{usage:?}");
+    assert_eq!(engine.last_prefill, (0, usage.input_tokens as usize));
+
+    // A broken image is an error for this request, not a crash.
+    let bad = GenerateRequest { messages: vec![ChatMessage::User(vec![UserPart::Image("data:image/png;base64,AAAA".into())])], ..Default::default() };
+    assert!(engine.generate(&bad, &cancel, &|_| true).is_err());
 }

@@ -127,3 +127,36 @@ fn image_embeddings_match_transformers() {
     eprintln!("image embedding error {err:.2e}");
     assert!(err < 1e-5, "relative error {err}");
 }
+
+/// `hark model logits` from the fixture's PNG and WAV files (the user-facing path:
+/// file decoding, patching and framing included) lands on transformers' logits.
+#[test]
+fn logits_command_reproduces_the_fixtures_from_png_and_wav_files() {
+    let dir = fixture("tiny_mm");
+    let tmp = tempfile::tempdir().unwrap();
+    for (case, media) in [
+        ("image", serde_json::json!({"images": [dir.join("image.png"), dir.join("image2.png")], "image_resize": false, "image_tokens": 70})),
+        ("audio", serde_json::json!({"audio": dir.join("audio.wav")})),
+    ] {
+        let mut spec = media;
+        spec["input_ids"] = serde_json::json!(ids(&dir, &format!("{case}_input_ids.npy")));
+        let inputs = tmp.path().join(format!("{case}.json"));
+        std::fs::write(&inputs, spec.to_string()).unwrap();
+        let out = tmp.path().join(format!("{case}.npy"));
+        let st = std::process::Command::new(env!("CARGO_BIN_EXE_hark"))
+            .args(["model", "logits"])
+            .arg(&dir)
+            .arg("--inputs")
+            .arg(&inputs)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        let got = Tensor::read_npy(&out).unwrap();
+        let expected = npy(&dir, &format!("{case}_logits.npy")).squeeze(0).unwrap();
+        let err = rel_err(&got, &expected);
+        eprintln!("hark model logits, {case} from files: {err:.2e}");
+        assert!(err < 1e-4, "{case}: {err}");
+    }
+}

@@ -20,6 +20,7 @@ use super::gemma4::sampling::{Sampler, SamplingParams};
 use super::gemma4::template::{self, Part, RenderOptions, ToolDecl, Turn};
 use super::gemma4::tokenizer::{Gemma4Tokenizer, StreamDecoder};
 use super::gemma4::tool_call::{ParsedEvent, ToolCallParser};
+use super::gemma4::vision;
 use super::gemma4::{audio_frames, audio_tokens, loader, ForwardInput, Gemma4Model, KvCache};
 use super::{Backend, BackendError, BackendEvent, ChatMessage, FinishReason, GenerateRequest, TokenUsage, UserPart};
 
@@ -37,6 +38,8 @@ pub struct EmbeddedSettings {
     pub top_p: Option<f32>,
     pub seed: u64,
     pub cached_sessions: usize,
+    /// Token budget per image (70, 140, 280, 560 or 1120 patches of 48 px).
+    pub image_tokens: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +187,7 @@ impl Engine {
         cancel: &CancellationToken,
         emit: &dyn Fn(BackendEvent) -> bool,
     ) -> Result<(FinishReason, TokenUsage), String> {
-        let prompt = render(request);
+        let prompt = render(request, self.settings.image_tokens)?;
         let tokens = self.encode_prompt(&prompt.text)?;
         let vocab = self.model.config.text.vocab_size as u32;
         if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
@@ -405,16 +408,38 @@ impl Engine {
                 i += 1;
             }
         }
-        if tokens.iter().any(|&t| t == c.image_token_id || t == c.video_token_id) {
-            return Err("image input is not supported by the embedded backend yet".into());
+        let mut images = Vec::new();
+        let mut i = 0;
+        let mut n = 0;
+        while i < tokens.len() {
+            if tokens[i] == c.image_token_id {
+                let start = i;
+                while i < tokens.len() && tokens[i] == c.image_token_id {
+                    i += 1;
+                }
+                let img = prompt.images.get(n).ok_or("more image placeholders than images")?;
+                if img.positions.len() != i - start {
+                    return Err("image placeholder count does not match the image's patches".into());
+                }
+                if !self.model.has_vision() {
+                    return Err("this checkpoint has no vision embedder; it cannot take images".into());
+                }
+                images.push((start, i - start, n));
+                n += 1;
+            } else {
+                i += 1;
+            }
         }
-        Ok(Media { audio: spans })
+        Ok(Media { audio: spans, images, image_data: prompt.images.clone() })
     }
 }
 
 struct Media {
     /// (first placeholder position, 16 kHz samples)
     audio: Vec<(usize, Arc<Vec<f32>>)>,
+    /// (first placeholder position, patches, index into `image_data`)
+    images: Vec<(usize, usize, usize)>,
+    image_data: Vec<Arc<vision::Patches>>,
 }
 
 impl Media {
@@ -431,7 +456,16 @@ impl Media {
             }
         }
         let audio = if parts.is_empty() { None } else { Some(Tensor::cat(&parts, 0)?) };
-        Ok((audio, Vec::new()))
+        let mut images = Vec::new();
+        for &(pos, len, idx) in &self.images {
+            // Prefill chunks never split an image (see `chunk_end` and `take_context`).
+            if pos >= start && pos + len <= end {
+                let p = &self.image_data[idx];
+                let patches = Tensor::from_vec(p.data.clone(), (p.positions.len(), p.data.len() / p.positions.len().max(1)), model.device())?;
+                images.push(super::gemma4::ImageInput { patches, positions: p.positions.clone() });
+            }
+        }
+        Ok((audio, images))
     }
 }
 
@@ -462,11 +496,13 @@ fn load_tokenizer(dir: &Path) -> Result<Gemma4Tokenizer, EmbeddedError> {
 pub struct Rendered {
     pub text: String,
     pub audio: Vec<Arc<Vec<f32>>>,
+    pub images: Vec<Arc<vision::Patches>>,
 }
 
 /// The request as a Gemma 4 prompt (thinking off, ready for the model to speak).
-pub fn render(req: &GenerateRequest) -> Rendered {
+pub fn render(req: &GenerateRequest, image_tokens: usize) -> Result<Rendered, String> {
     let mut audio = Vec::new();
+    let mut images = Vec::new();
     let mut turns = Vec::new();
     let mut names: Vec<(String, String)> = Vec::new();
     for m in &req.messages {
@@ -481,9 +517,12 @@ pub fn render(req: &GenerateRequest) -> Rendered {
                             out.push(Part::Audio { tokens: audio_tokens(samples.len()) });
                             audio.push(samples.clone());
                         }
-                        // Images need the vision processor, which the embedded backend
-                        // does not have yet; media_inputs reports it.
-                        UserPart::Image(_) => out.push(Part::Image { tokens: 1 }),
+                        UserPart::Image(url) => {
+                            let bytes = vision::decode_data_url(url).map_err(|e| format!("image: {e}"))?;
+                            let patches = vision::decode_and_patch(&bytes, image_tokens).map_err(|e| format!("image: {e}"))?;
+                            out.push(Part::Image { tokens: patches.positions.len() });
+                            images.push(Arc::new(patches));
+                        }
                     }
                 }
                 turns.push(Turn::User(out));
@@ -509,5 +548,5 @@ pub fn render(req: &GenerateRequest) -> Rendered {
         req.tools.iter().map(|t| ToolDecl { name: t.name.clone(), description: t.description.clone(), parameters: t.parameters.clone() }).collect();
     let system = (!req.instructions.is_empty()).then_some(req.instructions.as_str());
     let options = RenderOptions { enable_thinking: false, keep_empty_thought_in_history: true };
-    Rendered { text: template::render_with_options(system, &tools, &turns, true, options), audio }
+    Ok(Rendered { text: template::render_with_options(system, &tools, &turns, true, options), audio, images })
 }

@@ -85,6 +85,7 @@ pub fn build_backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
                 top_p: c.top_p,
                 seed: c.seed,
                 cached_sessions: c.cached_sessions,
+                image_tokens: c.image_tokens,
             };
             tracing::info!("loading {} on {} ({})", settings.checkpoint.display(), c.device, c.dtype);
             let backend = EmbeddedBackend::start(settings).context("starting the embedded model (backend.embedded in config.yaml)")?;

@@ -11,6 +11,7 @@ pub mod sampling;
 pub mod template;
 pub mod tokenizer;
 pub mod tool_call;
+pub mod vision;
 
 pub use audio::{audio_frames, audio_tokens};
 pub use cache::KvCache;
@@ -45,8 +46,27 @@ pub fn logits_command(checkpoint: &std::path::Path, inputs: &std::path::Path, ou
             Some(audio_frames(&samples, &device)?)
         }
     };
+    // Images: paths relative to inputs.json, cut into 48-px patches within
+    // "image_tokens" (default 280); "image_resize": false keeps sizes that are already
+    // multiples of 48, as transformers' processor does with do_resize=False.
+    let budget = spec["image_tokens"].as_u64().unwrap_or(280) as usize;
+    let resize = spec["image_resize"].as_bool().unwrap_or(true);
+    let mut images = Vec::new();
+    for p in spec["images"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let path = p.as_str().context("\"images\" must be a list of file paths")?;
+        let base = inputs.parent().unwrap_or(std::path::Path::new("."));
+        let bytes = std::fs::read(base.join(path)).with_context(|| format!("reading {path}"))?;
+        let patches = if resize {
+            vision::decode_and_patch(&bytes, budget)?
+        } else {
+            let (rgb, w, h) = vision::decode_rgb(&bytes)?;
+            vision::patches_from_rgb(&rgb, w, h, budget, false)?
+        };
+        let n = patches.positions.len();
+        images.push(ImageInput { patches: candle_core::Tensor::from_vec(patches.data, (n, vision::PATCH_DIM), &device)?, positions: patches.positions });
+    }
     let mut cache = model.new_cache();
-    let logits = model.forward(&ForwardInput { tokens: &ids, audio_frames: audio.as_ref(), images: &[], all_logits: true }, &mut cache)?;
+    let logits = model.forward(&ForwardInput { tokens: &ids, audio_frames: audio.as_ref(), images: &images, all_logits: true }, &mut cache)?;
     logits.write_npy(out)?;
     Ok(())
 }
