@@ -191,3 +191,42 @@ fn the_embedded_engine_takes_an_image_and_audio_in_one_turn() {
     let bad = GenerateRequest { messages: vec![ChatMessage::User(vec![UserPart::Image("data:image/png;base64,AAAA".into())])], ..Default::default() };
     assert!(engine.generate(&bad, &cancel, &|_| true).is_err());
 }
+
+#[test]
+fn a_cancelled_request_stops_and_keeps_the_prefilled_context() {
+    use hark::model::embedded::{EmbeddedSettings, Engine};
+    use hark::model::{ChatMessage, FinishReason, GenerateRequest, UserPart};
+    let ckpt = tiny_checkpoint();
+    let settings = EmbeddedSettings {
+        checkpoint: ckpt.path().to_path_buf(),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        max_tokens: 500,
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+        cached_sessions: 1,
+        image_tokens: 70,
+    };
+    let mut engine = Engine::load(&settings, &Device::Cpu, DType::F32).unwrap();
+    let req = GenerateRequest { messages: vec![ChatMessage::User(vec![UserPart::Text("tell me everything".into())])], ..Default::default() };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    // Cancel from inside the stream after the third delta, as a barge-in would.
+    let seen = std::cell::Cell::new(0);
+    let (finish, usage) = engine
+        .generate(&req, &cancel, &|_| {
+            seen.set(seen.get() + 1);
+            if seen.get() == 3 {
+                cancel.cancel();
+            }
+            true
+        })
+        .unwrap();
+    assert_eq!(finish, FinishReason::Cancelled);
+    assert!(usage.output_tokens <= 4, "{usage:?}");
+    // The next request with the same prompt reuses what was prefilled.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    engine.generate(&GenerateRequest { max_output_tokens: Some(1), ..req }, &cancel, &|_| true).unwrap();
+    assert!(engine.last_prefill.0 > 0);
+}
