@@ -11,6 +11,22 @@ fn tiny_checkpoint() -> tempfile::TempDir {
     dir
 }
 
+/// Greedy, f32, CPU settings for the embedded engine on a checkpoint.
+fn engine_settings(dir: &std::path::Path, max_tokens: u32, cached_sessions: usize) -> hark::model::embedded::EmbeddedSettings {
+    hark::model::embedded::EmbeddedSettings {
+        checkpoint: dir.to_path_buf(),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        max_tokens,
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+        cached_sessions,
+        image_tokens: 70,
+    }
+}
+
 fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -100,21 +116,10 @@ fn audio_and_image_placeholders_are_embedded() {
 
 #[test]
 fn the_embedded_engine_reuses_its_cache_across_turns() {
-    use hark::model::embedded::{Engine, EmbeddedSettings};
+    use hark::model::embedded::Engine;
     use hark::model::{BackendEvent, ChatMessage, GenerateRequest, UserPart};
     let ckpt = tiny_checkpoint();
-    let settings = EmbeddedSettings {
-        checkpoint: ckpt.path().to_path_buf(),
-        device: "cpu".into(),
-        dtype: "f32".into(),
-        max_tokens: 6,
-        temperature: 0.0,
-        top_k: None,
-        top_p: None,
-        seed: 0,
-        cached_sessions: 2,
-        image_tokens: 70,
-    };
+    let settings = engine_settings(ckpt.path(), 6, 2);
     let run = |engine: &mut Engine, req: &GenerateRequest| -> String {
         let out = std::cell::RefCell::new(String::new());
         let cancel = tokio_util::sync::CancellationToken::new();
@@ -157,21 +162,10 @@ fn the_embedded_engine_reuses_its_cache_across_turns() {
 #[test]
 fn the_embedded_engine_takes_an_image_and_audio_in_one_turn() {
     use base64::Engine as _;
-    use hark::model::embedded::{EmbeddedSettings, Engine};
+    use hark::model::embedded::Engine;
     use hark::model::{ChatMessage, GenerateRequest, UserPart};
     let ckpt = tiny_checkpoint();
-    let settings = EmbeddedSettings {
-        checkpoint: ckpt.path().to_path_buf(),
-        device: "cpu".into(),
-        dtype: "f32".into(),
-        max_tokens: 3,
-        temperature: 0.0,
-        top_k: None,
-        top_p: None,
-        seed: 0,
-        cached_sessions: 1,
-        image_tokens: 70,
-    };
+    let settings = engine_settings(ckpt.path(), 3, 1);
     let png = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4/tiny_mm/image.png")).unwrap();
     let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&png));
     let audio = std::sync::Arc::new(vec![0.01f32; 16_000]);
@@ -194,21 +188,10 @@ fn the_embedded_engine_takes_an_image_and_audio_in_one_turn() {
 
 #[test]
 fn a_cancelled_request_stops_and_keeps_the_prefilled_context() {
-    use hark::model::embedded::{EmbeddedSettings, Engine};
+    use hark::model::embedded::Engine;
     use hark::model::{ChatMessage, FinishReason, GenerateRequest, UserPart};
     let ckpt = tiny_checkpoint();
-    let settings = EmbeddedSettings {
-        checkpoint: ckpt.path().to_path_buf(),
-        device: "cpu".into(),
-        dtype: "f32".into(),
-        max_tokens: 500,
-        temperature: 0.0,
-        top_k: None,
-        top_p: None,
-        seed: 0,
-        cached_sessions: 1,
-        image_tokens: 70,
-    };
+    let settings = engine_settings(ckpt.path(), 500, 1);
     let mut engine = Engine::load(&settings, &Device::Cpu, DType::F32).unwrap();
     let req = GenerateRequest { messages: vec![ChatMessage::User(vec![UserPart::Text("tell me everything".into())])], ..Default::default() };
     let cancel = tokio_util::sync::CancellationToken::new();

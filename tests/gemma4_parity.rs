@@ -24,6 +24,18 @@ fn ids(dir: &Path, name: &str) -> Vec<u32> {
     npy(dir, name).flatten_all().unwrap().to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
 }
 
+/// The image case's pixel values and positions, one `ImageInput` per image.
+fn fixture_images(dir: &Path) -> Vec<ImageInput> {
+    let pixels = npy(dir, "image_pixel_values.npy");
+    let positions = npy(dir, "image_position_ids.npy").to_dtype(DType::I64).unwrap();
+    (0..pixels.dim(0).unwrap())
+        .map(|i| {
+            let pos = positions.get(i).unwrap().to_vec2::<i64>().unwrap();
+            ImageInput { patches: pixels.get(i).unwrap(), positions: pos.into_iter().map(|p| (p[0], p[1])).collect() }
+        })
+        .collect()
+}
+
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
@@ -92,14 +104,7 @@ fn image_parity_with_transformers_bidirectional_blocks() {
     let dir = fixture("tiny_mm");
     let model = loader::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let tokens = ids(&dir, "image_input_ids.npy");
-    let pixels = npy(&dir, "image_pixel_values.npy");
-    let positions = npy(&dir, "image_position_ids.npy").to_dtype(DType::I64).unwrap();
-    let images: Vec<ImageInput> = (0..pixels.dim(0).unwrap())
-        .map(|i| {
-            let pos = positions.get(i).unwrap().to_vec2::<i64>().unwrap();
-            ImageInput { patches: pixels.get(i).unwrap(), positions: pos.into_iter().map(|p| (p[0], p[1])).collect() }
-        })
-        .collect();
+    let images = fixture_images(&dir);
     let expected = npy(&dir, "image_logits.npy").squeeze(0).unwrap();
     let mut cache = model.new_cache();
     let logits = model.forward(&ForwardInput { tokens: &tokens, audio_frames: None, images: &images, all_logits: true }, &mut cache).unwrap();
@@ -113,14 +118,7 @@ fn image_embeddings_match_transformers() {
     let dir = fixture("tiny_mm");
     let model = loader::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let tokens = ids(&dir, "image_input_ids.npy");
-    let pixels = npy(&dir, "image_pixel_values.npy");
-    let positions = npy(&dir, "image_position_ids.npy").to_dtype(DType::I64).unwrap();
-    let images: Vec<ImageInput> = (0..pixels.dim(0).unwrap())
-        .map(|i| {
-            let pos = positions.get(i).unwrap().to_vec2::<i64>().unwrap();
-            ImageInput { patches: pixels.get(i).unwrap(), positions: pos.into_iter().map(|p| (p[0], p[1])).collect() }
-        })
-        .collect();
+    let images = fixture_images(&dir);
     let emb = model.embed(&ForwardInput { tokens: &tokens, audio_frames: None, images: &images, all_logits: true }).unwrap();
     let expected = npy(&dir, "image_embeds.npy").squeeze(0).unwrap();
     let err = rel_err(&emb, &expected);

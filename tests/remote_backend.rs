@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use base64::Engine;
 use common::*;
 use serde_json::{json, Value};

@@ -39,6 +39,10 @@
 
 use serde_json::{Map, Value};
 
+// Shared with the tool-call grammar, which must order and quote keys exactly as the
+// template does.
+use super::tool_call::{dictsort, is_bare_key};
+
 pub const BOS: &str = "<bos>";
 pub const TURN_START: &str = "<|turn>";
 pub const TURN_END: &str = "<turn|>";
@@ -635,25 +639,6 @@ fn write_members(out: &mut String, map: &Map<String, Value>, escape_keys: bool) 
         out.push(':');
         write_argument(out, value, escape_keys);
     }
-}
-
-fn is_bare_key(key: &str) -> bool {
-    !key.is_empty()
-        && !key.contains(|c: char| {
-            c.is_whitespace() || matches!(c, ':' | ',' | '{' | '}' | '[' | ']' | '<' | '"')
-        })
-}
-
-/// Jinja's `dictsort`: by key, case-insensitively; ties broken case-sensitively so the
-/// order never depends on the map's own ordering.
-fn dictsort(map: &Map<String, Value>) -> Vec<(&String, &Value)> {
-    let mut entries: Vec<_> = map.iter().collect();
-    entries.sort_by(|(a, _), (b, _)| {
-        a.to_lowercase()
-            .cmp(&b.to_lowercase())
-            .then_with(|| a.cmp(b))
-    });
-    entries
 }
 
 /// Python/Jinja truthiness of a JSON value.

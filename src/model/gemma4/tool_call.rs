@@ -921,7 +921,7 @@ fn write_value(out: &mut String, v: &Value) {
 
 /// Jinja's `dictsort`: by key, case-insensitively (ties broken case-sensitively so the
 /// order is total and independent of the map's own ordering).
-fn dictsort(map: &Map<String, Value>) -> Vec<(&String, &Value)> {
+pub(crate) fn dictsort(map: &Map<String, Value>) -> Vec<(&String, &Value)> {
     let mut entries: Vec<_> = map.iter().collect();
     entries.sort_by(|(a, _), (b, _)| {
         a.to_lowercase()
@@ -931,7 +931,7 @@ fn dictsort(map: &Map<String, Value>) -> Vec<(&String, &Value)> {
     entries
 }
 
-fn is_bare_key(key: &str) -> bool {
+pub(crate) fn is_bare_key(key: &str) -> bool {
     !key.is_empty()
         && !key.contains(|c: char| {
             c.is_whitespace() || matches!(c, ':' | ',' | '{' | '}' | '[' | ']' | '<' | '"')
