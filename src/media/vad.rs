@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use ort::session::Session;
-use ort::value::Tensor;
+use ort::value::TensorRef;
 use thiserror::Error;
 
 /// Samples per VAD window at 16 kHz (what Silero is trained on).
 pub const VAD_WINDOW: usize = 512;
+/// Silero's `sr` input.
+static SAMPLE_RATE: [i64; 1] = [16_000];
 /// Samples of the previous window Silero sees before each new one.
 const SILERO_CONTEXT: usize = 64;
 
@@ -119,9 +121,10 @@ impl VoiceDetector for SileroVad {
         self.input.extend_from_slice(&self.context);
         self.input.extend_from_slice(window);
         let err = |e: ort::Error| VadError::Inference(e.to_string());
-        let input = Tensor::from_array(([1usize, SILERO_CONTEXT + VAD_WINDOW], self.input.clone())).map_err(err)?;
-        let state = Tensor::from_array(([2usize, 1, 128], self.state.clone())).map_err(err)?;
-        let sr = Tensor::from_array(((), vec![16_000i64])).map_err(err)?;
+        // Views over our own buffers: no allocation per window on the audio path.
+        let input = TensorRef::from_array_view(([1usize, SILERO_CONTEXT + VAD_WINDOW], self.input.as_slice())).map_err(err)?;
+        let state = TensorRef::from_array_view(([2usize, 1, 128], self.state.as_slice())).map_err(err)?;
+        let sr = TensorRef::from_array_view(((), &SAMPLE_RATE[..])).map_err(err)?;
         let outputs = self
             .session
             .run(ort::inputs!["input" => input, "state" => state, "sr" => sr])

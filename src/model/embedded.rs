@@ -6,7 +6,7 @@
 //! tool-call events, stops on `<eos>`, `<turn|>` or `<|tool_response>`, and checks
 //! for cancellation between tokens.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,20 +27,9 @@ use super::{Backend, BackendError, BackendEvent, ChatMessage, FinishReason, Gene
 /// Tokens prefilled per forward call: bounds the attention scratch memory.
 const PREFILL_CHUNK: usize = 512;
 
-#[derive(Debug, Clone)]
-pub struct EmbeddedSettings {
-    pub checkpoint: PathBuf,
-    pub device: String,
-    pub dtype: String,
-    pub max_tokens: u32,
-    pub temperature: f32,
-    pub top_k: Option<usize>,
-    pub top_p: Option<f32>,
-    pub seed: u64,
-    pub cached_sessions: usize,
-    /// Token budget per image (70, 140, 280, 560 or 1120 patches of 48 px).
-    pub image_tokens: usize,
-}
+/// The backend's settings are `backend.embedded` from config.yaml, with
+/// `checkpoint` already resolved against the config file's folder.
+pub use crate::config::EmbeddedBackendConfig as EmbeddedSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
@@ -214,7 +203,7 @@ impl Engine {
             }
             let end = self.chunk_end(&tokens, pos);
             let chunk = &tokens[pos..end];
-            let (audio, images) = media.slice(&self.model, pos, end).map_err(|e| e.to_string())?;
+            let (audio, images) = media.slice(pos, end).map_err(|e| e.to_string())?;
             let input = ForwardInput { tokens: chunk, audio_frames: audio.as_ref(), images: &images, all_logits: false };
             logits = Some(self.model.forward(&input, &mut ctx.cache).map_err(|e| e.to_string())?);
             ctx.tokens.extend_from_slice(chunk);
@@ -267,8 +256,7 @@ impl Engine {
                 finish = if is_tool_response || calls > 0 { FinishReason::ToolCalls } else { FinishReason::Stop };
                 if is_tool_response {
                     // The runtime appends the results after this marker: keep it in context.
-                    logits = self.step(&mut ctx, next)?;
-                    let _ = &logits;
+                    self.step(&mut ctx, next)?;
                 }
                 break;
             }
@@ -386,85 +374,85 @@ impl Engine {
         }
     }
 
+    /// Pairs each run of audio / image placeholders (in token order) with the
+    /// prompt's clips and images (in message order), checking their sizes agree.
     fn media_inputs(&self, tokens: &[u32], prompt: &Rendered) -> Result<Media, String> {
         let c = &self.model.config;
-        // Placeholder runs in token order match the prompt's audio clips in order.
-        let mut spans = Vec::new();
-        let mut i = 0;
-        let mut clip = 0;
-        while i < tokens.len() {
-            if tokens[i] == c.audio_token_id {
-                let start = i;
-                while i < tokens.len() && tokens[i] == c.audio_token_id {
-                    i += 1;
-                }
-                let samples = prompt.audio.get(clip).ok_or("more audio placeholders than audio clips")?;
-                if audio_tokens(samples.len()) != i - start {
-                    return Err("audio placeholder count does not match the clip length".into());
-                }
-                spans.push((start, samples.clone()));
-                clip += 1;
-            } else {
-                i += 1;
-            }
+        let device = self.model.device();
+        let audio_runs = placeholder_runs(tokens, c.audio_token_id);
+        if audio_runs.len() != prompt.audio.len() {
+            return Err("audio placeholders do not match the audio clips".into());
         }
-        let mut images = Vec::new();
-        let mut i = 0;
-        let mut n = 0;
-        while i < tokens.len() {
-            if tokens[i] == c.image_token_id {
-                let start = i;
-                while i < tokens.len() && tokens[i] == c.image_token_id {
-                    i += 1;
-                }
-                let img = prompt.images.get(n).ok_or("more image placeholders than images")?;
-                if img.positions.len() != i - start {
-                    return Err("image placeholder count does not match the image's patches".into());
-                }
-                if !self.model.has_vision() {
-                    return Err("this checkpoint has no vision embedder; it cannot take images".into());
-                }
-                images.push((start, i - start, n));
-                n += 1;
-            } else {
-                i += 1;
+        let mut audio = Vec::with_capacity(audio_runs.len());
+        for (&(start, len), samples) in audio_runs.iter().zip(&prompt.audio) {
+            if audio_tokens(samples.len()) != len {
+                return Err("audio placeholder count does not match the clip length".into());
             }
+            audio.push((start, audio_frames(samples, device).map_err(|e| e.to_string())?));
         }
-        Ok(Media { audio: spans, images, image_data: prompt.images.clone() })
+        let image_runs = placeholder_runs(tokens, c.image_token_id);
+        if image_runs.len() != prompt.images.len() {
+            return Err("image placeholders do not match the images".into());
+        }
+        if !image_runs.is_empty() && !self.model.has_vision() {
+            return Err("this checkpoint has no vision embedder; it cannot take images".into());
+        }
+        let mut images = Vec::with_capacity(image_runs.len());
+        for (&(start, len), p) in image_runs.iter().zip(&prompt.images) {
+            if p.positions.len() != len {
+                return Err("image placeholder count does not match the image's patches".into());
+            }
+            let patches = Tensor::from_vec(p.data.clone(), (len, vision::PATCH_DIM), device).map_err(|e| e.to_string())?;
+            images.push((start, super::gemma4::ImageInput { patches, positions: p.positions.clone() }));
+        }
+        Ok(Media { audio, images })
     }
 }
 
+/// `(start, length)` of each run of `id` in `tokens`.
+fn placeholder_runs(tokens: &[u32], id: u32) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        if tokens[i] == id {
+            let start = i;
+            while i < tokens.len() && tokens[i] == id {
+                i += 1;
+            }
+            runs.push((start, i - start));
+        } else {
+            i += 1;
+        }
+    }
+    runs
+}
+
+/// The request's media, placed: first placeholder position and model-ready tensors.
 struct Media {
-    /// (first placeholder position, 16 kHz samples)
-    audio: Vec<(usize, Arc<Vec<f32>>)>,
-    /// (first placeholder position, patches, index into `image_data`)
-    images: Vec<(usize, usize, usize)>,
-    image_data: Vec<Arc<vision::Patches>>,
+    /// `[tokens, 640]` frames per clip.
+    audio: Vec<(usize, Tensor)>,
+    images: Vec<(usize, super::gemma4::ImageInput)>,
 }
 
 impl Media {
-    /// Audio frames for the placeholders inside `[start, end)`.
-    fn slice(&self, model: &Gemma4Model, start: usize, end: usize) -> candle_core::Result<(Option<Tensor>, Vec<super::gemma4::ImageInput>)> {
+    /// Audio frames and images for the placeholders inside `[start, end)`.
+    fn slice(&self, start: usize, end: usize) -> candle_core::Result<(Option<Tensor>, Vec<super::gemma4::ImageInput>)> {
         let mut parts = Vec::new();
-        for (pos, samples) in &self.audio {
-            let n = audio_tokens(samples.len());
-            let (a, b) = (*pos, pos + n);
+        for (pos, frames) in &self.audio {
+            let (a, b) = (*pos, pos + frames.dim(0)?);
             let (lo, hi) = (a.max(start), b.min(end));
             if lo < hi {
-                let frames = audio_frames(samples, model.device())?;
                 parts.push(frames.narrow(0, lo - a, hi - lo)?);
             }
         }
         let audio = if parts.is_empty() { None } else { Some(Tensor::cat(&parts, 0)?) };
-        let mut images = Vec::new();
-        for &(pos, len, idx) in &self.images {
-            // Prefill chunks never split an image (see `chunk_end` and `take_context`).
-            if pos >= start && pos + len <= end {
-                let p = &self.image_data[idx];
-                let patches = Tensor::from_vec(p.data.clone(), (p.positions.len(), p.data.len() / p.positions.len().max(1)), model.device())?;
-                images.push(super::gemma4::ImageInput { patches, positions: p.positions.clone() });
-            }
-        }
+        // Prefill chunks never split an image (see `chunk_end` and `take_context`).
+        let images = self
+            .images
+            .iter()
+            .filter(|(pos, img)| *pos >= start && pos + img.positions.len() <= end)
+            .map(|(_, img)| img.clone())
+            .collect();
         Ok((audio, images))
     }
 }
@@ -476,7 +464,7 @@ fn emit_parsed(ev: ParsedEvent, calls: &mut usize, send: &mut dyn FnMut(BackendE
         ParsedEvent::ToolCall { name, arguments } => {
             let index = *calls;
             *calls += 1;
-            send(BackendEvent::ToolCallStart { index, call_id: crate::server::protocol::new_id("call"), name });
+            send(BackendEvent::ToolCallStart { index, call_id: super::new_call_id(), name });
             send(BackendEvent::ToolCallArgumentsDelta { index, delta: arguments.to_string() });
         }
         // A call the model botched: show it as text rather than lose it.

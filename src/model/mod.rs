@@ -109,6 +109,13 @@ impl BackendError {
     }
 }
 
+/// A fresh tool-call id (`call_…`) for backends whose model names none.
+pub fn new_call_id() -> String {
+    let mut s = String::from("call_");
+    s.extend((0..20).map(|_| fastrand::alphanumeric()));
+    s
+}
+
 /// A model that answers a request with a stream of events.
 pub trait Backend: Send + Sync + 'static {
     /// Short name for logs and `/v1/models`.

@@ -317,7 +317,7 @@ impl StreamState {
                             .get("id")
                             .and_then(Value::as_str)
                             .map(str::to_string)
-                            .unwrap_or_else(|| crate::server::protocol::new_id("call"));
+                            .unwrap_or_else(|| super::new_call_id());
                         self.calls.push((index, call_id.clone()));
                         out.push(BackendEvent::ToolCallStart { index, call_id, name: name.to_string() });
                     }

@@ -74,20 +74,9 @@ impl AppState {
 pub fn build_backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
     match config.backend.kind {
         BackendKind::Embedded => {
-            let c = &config.backend.embedded;
-            let settings = EmbeddedSettings {
-                checkpoint: config.resolve(&c.checkpoint),
-                device: c.device.clone(),
-                dtype: c.dtype.clone(),
-                max_tokens: c.max_tokens,
-                temperature: c.temperature,
-                top_k: c.top_k,
-                top_p: c.top_p,
-                seed: c.seed,
-                cached_sessions: c.cached_sessions,
-                image_tokens: c.image_tokens,
-            };
-            tracing::info!("loading {} on {} ({})", settings.checkpoint.display(), c.device, c.dtype);
+            let mut settings: EmbeddedSettings = config.backend.embedded.clone();
+            settings.checkpoint = config.resolve(&settings.checkpoint);
+            tracing::info!("loading {} on {} ({})", settings.checkpoint.display(), settings.device, settings.dtype);
             let backend = EmbeddedBackend::start(settings).context("starting the embedded model (backend.embedded in config.yaml)")?;
             Ok(Arc::new(backend))
         }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::media::frame::{ms_to_samples, samples_to_ms, MODEL_SAMPLE_RATE};
 use crate::media::vad::{EnergyVad, SileroModel, VadError, VoiceDetector};
-use crate::media::{AudioFormat, AudioPipeline};
+use crate::media::AudioPipeline;
 use crate::model::{Backend, BackendEvent, GenerateRequest, ToolSpec};
 use crate::server::protocol::{
     new_id, ClientEnvelope, ClientEvent, ContentInput, ContentPart, Item, ItemInput, ItemKind, ItemStatus, MaxTokens,
@@ -298,7 +298,7 @@ impl Session {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(audio_b64)
             .map_err(|e| ProtocolError::new("invalid_base64", format!("'audio' is not valid base64: {e}.")).param("audio"))?;
-        let out = self.pipeline.push_bytes(&bytes).map_err(|e| {
+        let out = run_heavy(bytes.len(), || self.pipeline.push_bytes(&bytes)).map_err(|e| {
             ProtocolError::new(
                 "invalid_audio",
                 format!("Audio does not match the session's input format {}: {e}.", self.settings.input_format.name()),
@@ -671,6 +671,20 @@ fn check_image_data_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Decoding + resampling + VAD of one append runs on the session's task: ~0.2 ms per
+/// 20 ms chunk. A very large append (up to 15 MiB, minutes of audio) would hold a
+/// runtime worker for about a second, so above 1 MiB the worker is handed over to
+/// blocking work while other tasks move to the remaining workers.
+fn run_heavy<T>(bytes: usize, f: impl FnOnce() -> T) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if bytes > 1024 * 1024 && multi_thread {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
 async fn next_backend_event(rx: &mut Option<mpsc::Receiver<BackendEvent>>) -> Option<BackendEvent> {
     match rx {
         Some(rx) => rx.recv().await,
@@ -686,11 +700,4 @@ async fn flush(events: &mut Vec<ServerEvent>, out: &mpsc::Sender<ServerEvent>) -
         }
     }
     true
-}
-
-#[allow(dead_code)]
-fn _assert_send() {
-    fn is_send<T: Send>() {}
-    is_send::<Session>();
-    let _ = AudioFormat::Pcmu;
 }

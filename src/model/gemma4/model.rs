@@ -164,7 +164,6 @@ pub struct Gemma4Model {
     vision: Option<VisionEmbedder>,
     inv_freq_sliding: Vec<f32>,
     inv_freq_full: Vec<f32>,
-    ones_hidden: Tensor,
 }
 
 fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, name: &str) -> Result<Linear> {
@@ -282,7 +281,6 @@ impl Gemma4Model {
             inv_freq_sliding: inv_freq(&t.rope_sliding, sliding_hd),
             inv_freq_full: inv_freq(&t.rope_full, full_hd),
             embed_scale: (t.hidden_size as f64).sqrt(),
-            ones_hidden: Tensor::ones(t.hidden_size, dtype, &device)?,
             config,
             device,
             dtype,
@@ -522,17 +520,8 @@ impl Gemma4Model {
         Tensor::from_vec(data, (n, m), &self.device)
     }
 
-    /// Embeds raw 16 kHz audio frames `[n, 640]` (exposed for streaming prefill).
-    pub fn has_audio(&self) -> bool {
-        self.audio.is_some()
-    }
-
     pub fn has_vision(&self) -> bool {
         self.vision.is_some()
-    }
-
-    pub fn ones_hidden(&self) -> &Tensor {
-        &self.ones_hidden
     }
 }
 
