@@ -159,6 +159,26 @@ pub struct SessionDefaults {
     pub turn_detection: Option<TurnDetectionConfig>,
     pub max_output_tokens: Option<u32>,
     pub temperature: f32,
+    /// The rolling context window (see `src/context/`).
+    pub context: ContextConfig,
+    /// Prefill the user's audio into the embedded model while they speak, so the
+    /// reply starts one decode step after end of speech.
+    pub streaming_prefill: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContextConfig {
+    /// Most prompt tokens a request carries; past it, the oldest whole turns are evicted.
+    pub max_tokens: usize,
+    /// An eviction cuts the prompt back to this fraction of `max_tokens`.
+    pub retention_ratio: f32,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self { max_tokens: 262_144, retention_ratio: 0.8 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -178,6 +198,14 @@ pub struct TurnDetectionConfig {
     pub create_response: bool,
     #[serde(default = "d_true")]
     pub interrupt_response: bool,
+    /// Voiced stretches shorter than this are noise (a click, a cough): the turn is
+    /// retracted — nothing is committed and its streamed audio leaves the model's cache.
+    #[serde(default = "d_min_speech")]
+    pub min_speech_ms: u32,
+}
+
+fn d_min_speech() -> u32 {
+    100
 }
 
 fn server_vad() -> String {
@@ -206,6 +234,7 @@ impl Default for TurnDetectionConfig {
             idle_timeout_ms: None,
             create_response: true,
             interrupt_response: true,
+            min_speech_ms: d_min_speech(),
         }
     }
 }
@@ -293,6 +322,8 @@ impl Default for SessionDefaults {
             turn_detection: Some(TurnDetectionConfig::default()),
             max_output_tokens: None,
             temperature: 0.7,
+            context: ContextConfig::default(),
+            streaming_prefill: true,
         }
     }
 }

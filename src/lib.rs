@@ -6,6 +6,7 @@
 //!   (ONNX Runtime), 640-sample model frames. Frames in, frames out.
 //! - [`session`]: one client's realtime session — input buffer, turn detection,
 //!   conversation, the response in flight, barge-in. Transport-agnostic.
+//! - [`context`]: the rolling context window — turns, token counts, eviction policy.
 //! - [`model`]: the [`model::Backend`] trait and its implementations: Gemma 4
 //!   in-process (`model::gemma4`, `model::embedded`) and any OpenAI-compatible server
 //!   (`model::openai`); `model::hub` downloads checkpoints. Backends are driven; they
@@ -17,10 +18,11 @@
 //! - [`tls`]: the process-wide rustls setup for HTTPS clients.
 //!
 //! Still to come (see `../shared/DESIGN.md` §2): `sources/` (microphone, WebRTC),
-//! `context/` (rolling 256K window), `tools/` (YAML tools).
+//! `tools/` (YAML tools).
 
 pub mod bench;
 pub mod config;
+pub mod context;
 pub mod media;
 pub mod model;
 pub mod server;

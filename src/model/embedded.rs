@@ -6,7 +6,11 @@
 //! tool-call events, stops on `<eos>`, `<turn|>` or `<|tool_response>`, and checks
 //! for cancellation between tokens.
 
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +26,13 @@ use super::gemma4::tokenizer::{Gemma4Tokenizer, StreamDecoder};
 use super::gemma4::tool_call::{ParsedEvent, ToolCallParser};
 use super::gemma4::vision;
 use super::gemma4::{audio_frames, audio_tokens, loader, ForwardInput, Gemma4Model, KvCache};
-use super::{Backend, BackendError, BackendEvent, ChatMessage, FinishReason, GenerateRequest, TokenUsage, UserPart};
+use super::{
+    Backend, BackendError, BackendEvent, ChatMessage, EstimatedTokens, FinishReason, GenerateRequest, TokenCounter, TokenUsage,
+    ToolSpec, TurnCommand, TurnStream, UserPart,
+};
+
+/// Samples per audio token (40 ms at 16 kHz).
+const AUDIO_FRAME: usize = 640;
 
 /// Tokens prefilled per forward call: bounds the attention scratch memory.
 const PREFILL_CHUNK: usize = 512;
@@ -60,15 +70,20 @@ pub fn select_dtype(name: &str) -> Result<DType, EmbeddedError> {
     }
 }
 
-struct Job {
-    request: GenerateRequest,
-    cancel: CancellationToken,
-    events: mpsc::Sender<BackendEvent>,
+/// Work for the model thread, in arrival order.
+enum Job {
+    Generate { request: GenerateRequest, cancel: CancellationToken, events: mpsc::Sender<BackendEvent> },
+    OpenTurn { stream: u64, base: GenerateRequest, signals: mpsc::UnboundedSender<f32> },
+    Turn { stream: u64, command: TurnCommand },
+    /// Low priority: build a cache for this context when nothing else waits.
+    Prepare { request: GenerateRequest },
 }
 
 pub struct EmbeddedBackend {
     jobs: std_mpsc::Sender<Job>,
     name: String,
+    counter: Arc<EmbeddedTokenCounter>,
+    next_stream: AtomicU64,
 }
 
 impl EmbeddedBackend {
@@ -77,18 +92,14 @@ impl EmbeddedBackend {
         let device = select_device(&settings.device)?;
         let dtype = select_dtype(&settings.dtype)?;
         let engine = Engine::load(&settings, &device, dtype)?;
+        let counter = Arc::new(EmbeddedTokenCounter { tokenizer: engine.tokenizer.clone(), image_tokens: settings.image_tokens });
         let name = settings.checkpoint.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "gemma4".into());
         let (tx, rx) = std_mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("hark-model".into())
-            .spawn(move || {
-                let mut engine = engine;
-                while let Ok(job) = rx.recv() {
-                    engine.run(job);
-                }
-            })
+            .spawn(move || engine.serve(rx))
             .map_err(|e| EmbeddedError::Load(format!("cannot start the model thread: {e}")))?;
-        Ok(Self { jobs: tx, name })
+        Ok(Self { jobs: tx, name, counter, next_stream: AtomicU64::new(1) })
     }
 }
 
@@ -99,21 +110,104 @@ impl Backend for EmbeddedBackend {
 
     fn generate(&self, request: GenerateRequest, cancel: CancellationToken) -> mpsc::Receiver<BackendEvent> {
         let (tx, rx) = mpsc::channel(256);
-        if let Err(std_mpsc::SendError(job)) = self.jobs.send(Job { request, cancel, events: tx }) {
-            let _ = job.events.try_send(BackendEvent::Error(BackendError::Unavailable {
+        if let Err(std_mpsc::SendError(Job::Generate { events, .. })) = self.jobs.send(Job::Generate { request, cancel, events: tx }) {
+            let _ = events.try_send(BackendEvent::Error(BackendError::Unavailable {
                 url: "embedded".into(),
                 reason: "the model thread has stopped".into(),
             }));
         }
         rx
     }
+
+    fn open_turn(&self, base: GenerateRequest) -> Option<TurnStream> {
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (signals, end_of_turn) = mpsc::unbounded_channel();
+        self.jobs.send(Job::OpenTurn { stream, base, signals }).ok()?;
+        let jobs = std::sync::Mutex::new(self.jobs.clone());
+        let send = move |command| {
+            if let Ok(jobs) = jobs.lock() {
+                let _ = jobs.send(Job::Turn { stream, command });
+            }
+        };
+        Some(TurnStream::new(Box::new(send), end_of_turn))
+    }
+
+    fn prepare(&self, request: GenerateRequest) {
+        let _ = self.jobs.send(Job::Prepare { request });
+    }
+
+    fn token_counter(&self) -> Arc<dyn TokenCounter> {
+        self.counter.clone()
+    }
 }
 
-/// A kept KV cache and the tokens it holds.
+/// Exact counts: the embedded model's own template and tokenizer.
+pub struct EmbeddedTokenCounter {
+    tokenizer: Arc<Gemma4Tokenizer>,
+    image_tokens: usize,
+}
+
+impl TokenCounter for EmbeddedTokenCounter {
+    fn count(&self, instructions: &str, tools: &[ToolSpec], messages: &[ChatMessage], add_generation_prompt: bool) -> usize {
+        let request = GenerateRequest { instructions: instructions.into(), messages: messages.to_vec(), tools: tools.to_vec(), ..Default::default() };
+        match render_prompt(&request, self.image_tokens, add_generation_prompt) {
+            Ok(r) => self.tokenizer.encode(&r.text).map(|t| t.len()).unwrap_or(0),
+            // Unrenderable (a broken image): the estimate is the best there is.
+            Err(_) => EstimatedTokens { image_tokens: self.image_tokens }.count(instructions, tools, messages, add_generation_prompt),
+        }
+    }
+
+    fn is_exact(&self) -> bool {
+        true
+    }
+}
+
+/// Identity of one prompt position for prefix matching: the token id, or for a media
+/// placeholder a hash of the frame or patch it stands for. Two clips of equal length
+/// render the same placeholder ids and must never share cached keys; hashing each
+/// audio frame on its own also lets a streamed turn match frame by frame.
+type PositionKey = u64;
+const MEDIA_KEY: u64 = 1 << 63;
+
+fn frame_key(frame: &[f32]) -> PositionKey {
+    let mut h = DefaultHasher::new();
+    for i in 0..AUDIO_FRAME {
+        frame.get(i).copied().unwrap_or(0.0).to_bits().hash(&mut h);
+    }
+    (h.finish() & !(1 << 62)) | MEDIA_KEY
+}
+
+/// A prompt ready for the model: ids, their keys, and the media at their placeholders.
+pub struct Prompt {
+    pub tokens: Vec<u32>,
+    keys: Vec<PositionKey>,
+    media: Media,
+}
+
+/// A kept KV cache and the keys of the positions it holds.
 struct CachedContext {
-    tokens: Vec<u32>,
+    id: u64,
+    keys: Vec<PositionKey>,
     cache: KvCache,
     last_used: Instant,
+}
+
+/// A user turn being prefilled while the user speaks.
+struct OpenTurn {
+    /// The cached context holding the turn.
+    context: u64,
+    /// Position of the turn's `<|turn>`: a retraction truncates back to here.
+    turn_start: usize,
+    /// Samples received but not yet a whole 640-sample frame.
+    pending: Vec<f32>,
+    signals: mpsc::UnboundedSender<f32>,
+}
+
+/// A context being prefilled in the background, a chunk at a time.
+struct Background {
+    ctx: CachedContext,
+    prompt: Prompt,
+    pos: usize,
 }
 
 /// Owns the model; lives on the model thread.
@@ -122,9 +216,14 @@ pub struct Engine {
     tokenizer: Arc<Gemma4Tokenizer>,
     settings: EmbeddedSettings,
     contexts: Vec<CachedContext>,
+    next_context: u64,
+    open_turns: HashMap<u64, OpenTurn>,
+    background: Option<Background>,
     stop_ids: Vec<u32>,
     /// Tokens reused from a kept cache and tokens prefilled, for the last request.
     pub last_prefill: (usize, usize),
+    /// The logits that chose the last request's first generated token (for tests).
+    pub last_logits: Option<Vec<f32>>,
     /// Recent replies as the model produced them: (text, token ids). Re-encoding a
     /// reply's text can give other ids than the ones generated (BPE is not unique),
     /// which would break the cached prefix at every past reply; splicing the original
@@ -146,26 +245,120 @@ impl Engine {
                 stop_ids.push(id);
             }
         }
-        Ok(Self { model, tokenizer: Arc::new(tokenizer), settings: settings.clone(), contexts: Vec::new(), stop_ids, last_prefill: (0, 0), replies: Vec::new() })
+        Ok(Self {
+            model,
+            tokenizer: Arc::new(tokenizer),
+            settings: settings.clone(),
+            contexts: Vec::new(),
+            next_context: 1,
+            open_turns: HashMap::new(),
+            background: None,
+            stop_ids,
+            last_prefill: (0, 0),
+            last_logits: None,
+            replies: Vec::new(),
+        })
     }
 
     /// Drops every kept KV cache (remembered replies stay).
     pub fn clear_caches(&mut self) {
         self.contexts.clear();
+        self.open_turns.clear();
+        self.background = None;
     }
 
     pub fn model(&self) -> &Gemma4Model {
         &self.model
     }
 
-    fn run(&mut self, job: Job) {
-        let events = job.events.clone();
-        let result = self.generate(&job.request, &job.cancel, &|ev| events.blocking_send(ev).is_ok());
-        let last = match result {
-            Ok((finish, usage)) => BackendEvent::Done { finish, usage: Some(usage) },
-            Err(e) => BackendEvent::Error(BackendError::Protocol(format!("embedded model: {e}"))),
-        };
-        let _ = job.events.blocking_send(last);
+    /// Tokens held by each kept cache, newest use last.
+    pub fn cached_lengths(&self) -> Vec<usize> {
+        let mut c: Vec<_> = self.contexts.iter().map(|c| (c.last_used, c.keys.len())).collect();
+        c.sort();
+        c.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// The model thread's loop. Jobs run in arrival order; a background preparation
+    /// advances one chunk at a time only while no job waits, so it never delays a turn.
+    fn serve(mut self, rx: std_mpsc::Receiver<Job>) {
+        let mut queue: VecDeque<Job> = VecDeque::new();
+        loop {
+            if queue.is_empty() {
+                if self.background.is_some() {
+                    match rx.try_recv() {
+                        Ok(job) => queue.push_back(job),
+                        Err(std_mpsc::TryRecvError::Empty) => {
+                            self.background_step();
+                            continue;
+                        }
+                        Err(std_mpsc::TryRecvError::Disconnected) => return,
+                    }
+                } else {
+                    match rx.recv() {
+                        Ok(job) => queue.push_back(job),
+                        Err(_) => return,
+                    }
+                }
+            }
+            queue.extend(rx.try_iter());
+            let Some(job) = queue.pop_front() else { continue };
+            match job {
+                Job::Generate { request, cancel, events } => {
+                    let result = self.generate(&request, &cancel, &|ev| events.blocking_send(ev).is_ok());
+                    let last = match result {
+                        Ok((finish, usage)) => BackendEvent::Done { finish, usage: Some(usage) },
+                        Err(e) => BackendEvent::Error(BackendError::Protocol(format!("embedded model: {e}"))),
+                    };
+                    let _ = events.blocking_send(last);
+                }
+                Job::OpenTurn { stream, base, signals } => {
+                    if let Err(e) = self.open_turn(stream, &base, signals) {
+                        tracing::warn!("streaming prefill off for this turn: {e}");
+                    }
+                }
+                Job::Turn { stream, command: TurnCommand::Audio(mut samples) } => {
+                    // Audio queued behind this job for the same turn goes in the same forward.
+                    while let Some(Job::Turn { stream: s, command: TurnCommand::Audio(_) }) = queue.front() {
+                        if *s != stream {
+                            break;
+                        }
+                        if let Some(Job::Turn { command: TurnCommand::Audio(more), .. }) = queue.pop_front() {
+                            samples.extend(more);
+                        }
+                    }
+                    if let Err(e) = self.turn_audio(stream, &samples) {
+                        tracing::warn!("streaming prefill stopped for this turn: {e}");
+                        self.open_turns.remove(&stream);
+                    }
+                }
+                Job::Turn { stream, command: TurnCommand::Retract } => {
+                    if let Err(e) = self.retract_turn(stream) {
+                        tracing::warn!("retracting a turn: {e}");
+                    }
+                }
+                Job::Prepare { request } => {
+                    if let Err(e) = self.start_background(&request) {
+                        tracing::warn!("background prefill skipped: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renders, tokenizes and places the media of a request.
+    pub fn prompt(&self, request: &GenerateRequest, add_generation_prompt: bool) -> Result<Prompt, String> {
+        let rendered = render_prompt(request, self.settings.image_tokens, add_generation_prompt)?;
+        let tokens = self.encode_prompt(&rendered.text)?;
+        let vocab = self.model.config.text.vocab_size as u32;
+        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+            return Err(format!("token id {bad} is outside the model's vocabulary of {vocab}; tokenizer and checkpoint do not match"));
+        }
+        let max_ctx = self.model.config.text.max_position_embeddings;
+        if tokens.len() + 1 >= max_ctx {
+            return Err(format!("the prompt has {} tokens; the model holds {max_ctx}", tokens.len()));
+        }
+        let (media, keys) = self.media_inputs(&tokens, &rendered)?;
+        Ok(Prompt { tokens, keys, media })
     }
 
     /// Renders, prefills what is new, and generates. `emit` returns false once the
@@ -176,51 +369,34 @@ impl Engine {
         cancel: &CancellationToken,
         emit: &dyn Fn(BackendEvent) -> bool,
     ) -> Result<(FinishReason, TokenUsage), String> {
-        let prompt = render(request, self.settings.image_tokens)?;
-        let tokens = self.encode_prompt(&prompt.text)?;
-        let vocab = self.model.config.text.vocab_size as u32;
-        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
-            return Err(format!("token id {bad} is outside the model's vocabulary of {vocab}; tokenizer and checkpoint do not match"));
-        }
+        let prompt = self.prompt(request, true)?;
+        let tokens = &prompt.tokens;
         let max_ctx = self.model.config.text.max_position_embeddings;
         let max_new = request.max_output_tokens.unwrap_or(self.settings.max_tokens) as usize;
-        if tokens.len() + 1 >= max_ctx {
-            return Err(format!("the prompt has {} tokens; the model holds {max_ctx}", tokens.len()));
-        }
 
-        let mut ctx = self.take_context(&tokens);
-        let reused = ctx.tokens.len();
+        // A half-built background context is as good a starting point as any kept one.
+        if let Some(bg) = self.background.take() {
+            self.keep_context(bg.ctx);
+        }
+        let mut ctx = self.take_context(&prompt.keys);
+        let reused = ctx.keys.len();
         self.last_prefill = (reused, tokens.len() - reused);
-        // Prefill the new part, in chunks that never split an image block.
-        let media = self.media_inputs(&tokens, &prompt)?;
-        let mut pos = reused;
-        let mut logits = None;
-        while pos < tokens.len() {
-            if cancel.is_cancelled() {
+        let logits = match self.prefill(&mut ctx, &prompt, tokens.len(), Some(cancel))? {
+            Some(l) => l,
+            None if cancel.is_cancelled() => {
                 // Keep what was prefilled: the next turn will reuse it.
                 self.keep_context(ctx);
                 return Ok((FinishReason::Cancelled, TokenUsage { input_tokens: tokens.len() as u32, output_tokens: 0 }));
             }
-            let end = self.chunk_end(&tokens, pos);
-            let chunk = &tokens[pos..end];
-            let (audio, images) = media.slice(pos, end).map_err(|e| e.to_string())?;
-            let input = ForwardInput { tokens: chunk, audio_frames: audio.as_ref(), images: &images, all_logits: false };
-            logits = Some(self.model.forward(&input, &mut ctx.cache).map_err(|e| e.to_string())?);
-            ctx.tokens.extend_from_slice(chunk);
-            pos = end;
-        }
-        let mut logits = match logits {
-            Some(l) => l,
             None => {
                 // Everything was cached: recompute the last position's logits.
-                ctx.cache.truncate(tokens.len() - 1).map_err(|e| e.to_string())?;
-                ctx.tokens.truncate(tokens.len() - 1);
-                let last = &tokens[tokens.len() - 1..];
-                let l = self.model.forward(&ForwardInput { tokens: last, all_logits: false, ..Default::default() }, &mut ctx.cache).map_err(|e| e.to_string())?;
-                ctx.tokens.extend_from_slice(last);
-                l
+                let last = tokens.len() - 1;
+                ctx.cache.truncate(last).map_err(|e| e.to_string())?;
+                ctx.keys.truncate(last);
+                self.prefill(&mut ctx, &prompt, tokens.len(), None)?.ok_or("nothing to prefill")?
             }
         };
+        let mut logits = logits;
 
         let mut sampler = Sampler::new(SamplingParams {
             temperature: request.temperature.unwrap_or(self.settings.temperature),
@@ -250,6 +426,9 @@ impl Engine {
             }
             let row: Vec<f32> = logits.squeeze(0).and_then(|l| l.to_vec1()).map_err(|e| e.to_string())?;
             let next = sampler.sample(&row);
+            if generated == 0 {
+                self.last_logits = Some(row);
+            }
             generated += 1;
             if self.stop_ids.contains(&next) {
                 let is_tool_response = self.tokenizer.token_id("<|tool_response>") == Some(next);
@@ -289,6 +468,31 @@ impl Engine {
         Ok((finish, TokenUsage { input_tokens: tokens.len() as u32, output_tokens: generated as u32 }))
     }
 
+    /// Prefills `prompt` from the context's current length up to `end`, in chunks that
+    /// never split an image block. Returns the last chunk's logits, or `None` when there
+    /// was nothing to do or `cancel` fired (what was prefilled stays in `ctx`).
+    fn prefill(&self, ctx: &mut CachedContext, prompt: &Prompt, end: usize, cancel: Option<&CancellationToken>) -> Result<Option<Tensor>, String> {
+        let mut pos = ctx.keys.len();
+        let mut logits = None;
+        while pos < end {
+            if cancel.is_some_and(|c| c.is_cancelled()) {
+                return Ok(None);
+            }
+            let stop = self.chunk_end(&prompt.tokens[..end], pos);
+            logits = Some(self.forward_span(ctx, prompt, pos, stop)?);
+            pos = stop;
+        }
+        Ok(logits)
+    }
+
+    fn forward_span(&self, ctx: &mut CachedContext, prompt: &Prompt, start: usize, end: usize) -> Result<Tensor, String> {
+        let (audio, images) = prompt.media.slice(start, end).map_err(|e| e.to_string())?;
+        let input = ForwardInput { tokens: &prompt.tokens[start..end], audio_frames: audio.as_ref(), images: &images, all_logits: false };
+        let logits = self.model.forward(&input, &mut ctx.cache).map_err(|e| e.to_string())?;
+        ctx.keys.extend_from_slice(&prompt.keys[start..end]);
+        Ok(logits)
+    }
+
     /// Tokenizes a rendered prompt, splicing in the original ids of remembered replies
     /// (found right after the empty thought channel that opens each model turn).
     fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, String> {
@@ -322,46 +526,78 @@ impl Engine {
     fn step(&self, ctx: &mut CachedContext, token: u32) -> Result<Tensor, String> {
         let t = [token];
         let l = self.model.forward(&ForwardInput { tokens: &t, all_logits: false, ..Default::default() }, &mut ctx.cache).map_err(|e| e.to_string())?;
-        ctx.tokens.push(token);
+        ctx.keys.push(token as PositionKey);
         Ok(l)
     }
 
     /// End of the prefill chunk starting at `pos`, moved past any image block it would split.
     fn chunk_end(&self, tokens: &[u32], pos: usize) -> usize {
-        let c = &self.model.config;
-        let is_image = |t: u32| t == c.image_token_id || t == c.video_token_id;
         let mut end = (pos + PREFILL_CHUNK).min(tokens.len());
-        while end < tokens.len() && end > pos && is_image(tokens[end]) && is_image(tokens[end - 1]) {
+        while end < tokens.len() && end > pos && self.is_image(tokens[end]) && self.is_image(tokens[end - 1]) {
             end += 1;
         }
         end
     }
 
-    /// The kept context sharing the longest prefix with `tokens`, rolled back to that
-    /// prefix, or a fresh one.
-    fn take_context(&mut self, tokens: &[u32]) -> CachedContext {
+    fn is_image(&self, t: u32) -> bool {
         let c = &self.model.config;
+        t == c.image_token_id || t == c.video_token_id
+    }
+
+    /// The kept context sharing the longest prefix with `keys`: its index and the
+    /// length to resume from.
+    fn best_prefix(&self, keys: &[PositionKey]) -> Option<(usize, usize)> {
         let mut best: Option<(usize, usize)> = None;
         for (i, ctx) in self.contexts.iter().enumerate() {
-            let lcp = ctx.tokens.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+            let lcp = ctx.keys.iter().zip(keys).take_while(|(a, b)| a == b).count();
             if lcp > 0 && best.is_none_or(|(_, l)| lcp > l) {
                 best = Some((i, lcp));
             }
         }
-        if let Some((i, mut lcp)) = best {
-            // Never resume inside a media block: its placeholders must be prefilled together.
-            let is_media = |t: u32| t == c.image_token_id || t == c.video_token_id || t == c.audio_token_id;
-            while lcp > 0 && lcp < tokens.len() && is_media(tokens[lcp]) && is_media(tokens[lcp - 1]) {
-                lcp -= 1;
-            }
+        let (i, mut lcp) = best?;
+        // Never resume inside an image: its patches attend to each other, so the
+        // block is prefilled whole. (Audio is causal: resuming mid-clip is fine.)
+        let is_image_key = |k: PositionKey| k & MEDIA_KEY != 0 && (k >> 62) & 1 == 1;
+        while lcp > 0 && lcp < keys.len() && is_image_key(keys[lcp]) && is_image_key(keys[lcp - 1]) {
+            lcp -= 1;
+        }
+        (lcp > 0).then_some((i, lcp))
+    }
+
+    /// The kept context sharing the longest prefix with `keys`, rolled back to that
+    /// prefix, or a fresh one.
+    fn take_context(&mut self, keys: &[PositionKey]) -> CachedContext {
+        if let Some((i, lcp)) = self.best_prefix(keys) {
             let mut ctx = self.contexts.swap_remove(i);
-            if lcp > 0 && ctx.cache.truncate(lcp).unwrap_or(false) {
-                ctx.tokens.truncate(lcp);
+            // The context changes hands: a turn streaming into it is over.
+            self.open_turns.retain(|_, t| t.context != ctx.id);
+            if ctx.cache.truncate(lcp).unwrap_or(false) {
+                ctx.keys.truncate(lcp);
                 ctx.last_used = Instant::now();
                 return ctx;
             }
         }
-        CachedContext { tokens: Vec::new(), cache: self.model.new_cache(), last_used: Instant::now() }
+        self.fresh_context()
+    }
+
+    /// Like [`Self::take_context`], but a copy: the kept context stays whole (the
+    /// conversation goes on in it while this one is built).
+    fn fork_context(&mut self, keys: &[PositionKey]) -> CachedContext {
+        let mut fresh = self.fresh_context();
+        if let Some((i, lcp)) = self.best_prefix(keys) {
+            let src = &self.contexts[i];
+            let mut cache = src.cache.clone();
+            if cache.truncate(lcp).unwrap_or(false) {
+                fresh.cache = cache;
+                fresh.keys = src.keys[..lcp].to_vec();
+            }
+        }
+        fresh
+    }
+
+    fn fresh_context(&mut self) -> CachedContext {
+        self.next_context += 1;
+        CachedContext { id: self.next_context, keys: Vec::new(), cache: self.model.new_cache(), last_used: Instant::now() }
     }
 
     fn keep_context(&mut self, mut ctx: CachedContext) {
@@ -370,15 +606,147 @@ impl Engine {
         let limit = self.settings.cached_sessions.max(1);
         while self.contexts.len() > limit {
             let oldest = self.contexts.iter().enumerate().min_by_key(|(_, c)| c.last_used).map(|(i, _)| i).unwrap_or(0);
-            self.contexts.swap_remove(oldest);
+            let gone = self.contexts.swap_remove(oldest);
+            self.open_turns.retain(|_, t| t.context != gone.id);
         }
     }
 
+    /// Takes the kept context with this id out of the list.
+    fn take_by_id(&mut self, id: u64) -> Option<CachedContext> {
+        let i = self.contexts.iter().position(|c| c.id == id)?;
+        Some(self.contexts.swap_remove(i))
+    }
+
+    /// Prefills `base` followed by the opening of a user audio turn
+    /// (`<|turn>user\n<|audio>`), ready for frames.
+    pub fn open_turn(&mut self, stream: u64, base: &GenerateRequest, signals: mpsc::UnboundedSender<f32>) -> Result<(), String> {
+        let mut request = base.clone();
+        request.messages.push(ChatMessage::User(vec![UserPart::Audio(Arc::new(Vec::new()))]));
+        let prompt = self.prompt(&request, false)?;
+        let boa = self.tokenizer.token_id(template::AUDIO_START).ok_or("the tokenizer has no <|audio>")?;
+        let turn_open = self.tokenizer.token_id(template::TURN_START).ok_or("the tokenizer has no <|turn>")?;
+        let audio_at = prompt.tokens.iter().rposition(|&t| t == boa).ok_or("no audio opening in the rendered turn")? + 1;
+        let turn_start = prompt.tokens[..audio_at].iter().rposition(|&t| t == turn_open).ok_or("no turn opening")?;
+        if let Some(bg) = self.background.take() {
+            self.keep_context(bg.ctx);
+        }
+        let mut ctx = self.take_context(&prompt.keys[..audio_at]);
+        self.prefill(&mut ctx, &prompt, audio_at, None)?;
+        self.open_turns.insert(stream, OpenTurn { context: ctx.id, turn_start, pending: Vec::new(), signals });
+        self.keep_context(ctx);
+        Ok(())
+    }
+
+    /// Prefills the whole frames among `samples` (plus any left over from before) into
+    /// the stream's turn and reports the end-of-turn probability.
+    pub fn turn_audio(&mut self, stream: u64, samples: &[f32]) -> Result<(), String> {
+        let Some(turn) = self.open_turns.get_mut(&stream) else { return Ok(()) };
+        turn.pending.extend_from_slice(samples);
+        let frames = turn.pending.len() / AUDIO_FRAME;
+        if frames == 0 {
+            return Ok(());
+        }
+        let chunk: Vec<f32> = turn.pending.drain(..frames * AUDIO_FRAME).collect();
+        let id = turn.context;
+        let Some(mut ctx) = self.take_by_id(id) else {
+            self.open_turns.remove(&stream);
+            return Ok(());
+        };
+        let device = self.model.device().clone();
+        let c = &self.model.config;
+        let tokens = vec![c.audio_token_id; frames];
+        let keys: Vec<PositionKey> = chunk.chunks(AUDIO_FRAME).map(frame_key).collect();
+        let frames_t = audio_frames(&chunk, &device).map_err(|e| e.to_string())?;
+        let input = ForwardInput { tokens: &tokens, audio_frames: Some(&frames_t), images: &[], all_logits: false };
+        let result = self.model.forward(&input, &mut ctx.cache).map_err(|e| e.to_string());
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // The cache may be half-written: drop it rather than keep a wrong one.
+                self.open_turns.remove(&stream);
+                return Err(e);
+            }
+        };
+        ctx.keys.extend(keys);
+        let p_end = self.end_of_turn_probability(&logits)?;
+        self.keep_context(ctx);
+        if let Some(turn) = self.open_turns.get(&stream) {
+            let _ = turn.signals.send(p_end);
+        }
+        Ok(())
+    }
+
+    /// Probability mass on the tokens that close an audio turn (`<audio|>`, `<turn|>`).
+    fn end_of_turn_probability(&self, logits: &Tensor) -> Result<f32, String> {
+        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let row: Vec<f32> = probs.flatten_all().and_then(|p| p.to_vec1()).map_err(|e| e.to_string())?;
+        let mut p = 0.0;
+        for t in [template::AUDIO_END, template::TURN_END].iter().filter_map(|t| self.tokenizer.token_id(t)) {
+            p += row.get(t as usize).copied().unwrap_or(0.0);
+        }
+        Ok(p)
+    }
+
+    /// Forgets a streamed turn: its context goes back to before `<|turn>`. A context
+    /// that can no longer roll back that far (a sliding layer dropped what it needs)
+    /// is discarded, so nothing stale is ever reused.
+    pub fn retract_turn(&mut self, stream: u64) -> Result<(), String> {
+        let Some(turn) = self.open_turns.remove(&stream) else { return Ok(()) };
+        let Some(mut ctx) = self.take_by_id(turn.context) else { return Ok(()) };
+        if ctx.keys.len() >= turn.turn_start && ctx.cache.truncate(turn.turn_start).map_err(|e| e.to_string())? {
+            ctx.keys.truncate(turn.turn_start);
+            self.keep_context(ctx);
+        }
+        Ok(())
+    }
+
+    /// Starts (or replaces) the background preparation of `request`'s context.
+    pub fn start_background(&mut self, request: &GenerateRequest) -> Result<(), String> {
+        let prompt = self.prompt(request, false)?;
+        if let Some(bg) = self.background.take() {
+            self.keep_context(bg.ctx);
+        }
+        // Start from a copy of the best kept prefix: the live context stays as it is,
+        // since the conversation goes on in it until the eviction.
+        let ctx = self.fork_context(&prompt.keys);
+        if ctx.keys.len() >= prompt.tokens.len() {
+            self.keep_context(ctx);
+            return Ok(());
+        }
+        let pos = ctx.keys.len();
+        self.background = Some(Background { ctx, prompt, pos });
+        Ok(())
+    }
+
+    /// Advances the background preparation by one chunk.
+    pub fn background_step(&mut self) {
+        let Some(mut bg) = self.background.take() else { return };
+        let end = self.chunk_end(&bg.prompt.tokens, bg.pos);
+        match self.forward_span(&mut bg.ctx, &bg.prompt, bg.pos, end) {
+            Ok(_) => {
+                bg.pos = end;
+                if bg.pos >= bg.prompt.tokens.len() {
+                    self.keep_context(bg.ctx);
+                } else {
+                    self.background = Some(bg);
+                }
+            }
+            Err(e) => tracing::warn!("background prefill failed: {e}"),
+        }
+    }
+
+    /// Whether a background preparation is under way.
+    pub fn background_pending(&self) -> bool {
+        self.background.is_some()
+    }
+
     /// Pairs each run of audio / image placeholders (in token order) with the
-    /// prompt's clips and images (in message order), checking their sizes agree.
-    fn media_inputs(&self, tokens: &[u32], prompt: &Rendered) -> Result<Media, String> {
+    /// prompt's clips and images (in message order), checking their sizes agree, and
+    /// computes every position's key.
+    fn media_inputs(&self, tokens: &[u32], prompt: &Rendered) -> Result<(Media, Vec<PositionKey>), String> {
         let c = &self.model.config;
         let device = self.model.device();
+        let mut keys: Vec<PositionKey> = tokens.iter().map(|&t| t as PositionKey).collect();
         let audio_runs = placeholder_runs(tokens, c.audio_token_id);
         if audio_runs.len() != prompt.audio.len() {
             return Err("audio placeholders do not match the audio clips".into());
@@ -387,6 +755,9 @@ impl Engine {
         for (&(start, len), samples) in audio_runs.iter().zip(&prompt.audio) {
             if audio_tokens(samples.len()) != len {
                 return Err("audio placeholder count does not match the clip length".into());
+            }
+            for (i, frame) in samples.chunks(AUDIO_FRAME).enumerate() {
+                keys[start + i] = frame_key(frame);
             }
             audio.push((start, audio_frames(samples, device).map_err(|e| e.to_string())?));
         }
@@ -402,10 +773,17 @@ impl Engine {
             if p.positions.len() != len {
                 return Err("image placeholder count does not match the image's patches".into());
             }
+            let mut h = DefaultHasher::new();
+            p.data.iter().for_each(|v| v.to_bits().hash(&mut h));
+            let image_hash = h.finish();
+            for i in 0..len {
+                // Bit 62 marks image keys, so `take_context` can tell them from audio.
+                keys[start + i] = ((image_hash ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) & !(3 << 62)) | MEDIA_KEY | (1 << 62);
+            }
             let patches = Tensor::from_vec(p.data.clone(), (len, vision::PATCH_DIM), device).map_err(|e| e.to_string())?;
             images.push((start, super::gemma4::ImageInput { patches, positions: p.positions.clone() }));
         }
-        Ok(Media { audio, images })
+        Ok((Media { audio, images }, keys))
     }
 }
 
@@ -489,6 +867,11 @@ pub struct Rendered {
 
 /// The request as a Gemma 4 prompt (thinking off, ready for the model to speak).
 pub fn render(req: &GenerateRequest, image_tokens: usize) -> Result<Rendered, String> {
+    render_prompt(req, image_tokens, true)
+}
+
+/// [`render`], with or without the generation prompt that hands the model the turn.
+pub fn render_prompt(req: &GenerateRequest, image_tokens: usize, add_generation_prompt: bool) -> Result<Rendered, String> {
     let mut audio = Vec::new();
     let mut images = Vec::new();
     let mut turns = Vec::new();
@@ -503,7 +886,10 @@ pub fn render(req: &GenerateRequest, image_tokens: usize) -> Result<Rendered, St
                         UserPart::Text(t) => out.push(Part::Text(t.clone())),
                         UserPart::Audio(samples) => {
                             out.push(Part::Audio { tokens: audio_tokens(samples.len()) });
-                            audio.push(samples.clone());
+                            // An empty clip renders no placeholders (a turn being opened).
+                            if !samples.is_empty() {
+                                audio.push(samples.clone());
+                            }
                         }
                         UserPart::Image(url) => {
                             let bytes = vision::decode_data_url(url).map_err(|e| format!("image: {e}"))?;
@@ -536,5 +922,5 @@ pub fn render(req: &GenerateRequest, image_tokens: usize) -> Result<Rendered, St
         req.tools.iter().map(|t| ToolDecl { name: t.name.clone(), description: t.description.clone(), parameters: t.parameters.clone() }).collect();
     let system = (!req.instructions.is_empty()).then_some(req.instructions.as_str());
     let options = RenderOptions { enable_thinking: false, keep_empty_thought_in_history: true };
-    Ok(Rendered { text: template::render_with_options(system, &tools, &turns, true, options), audio, images })
+    Ok(Rendered { text: template::render_with_options(system, &tools, &turns, add_generation_prompt, options), audio, images })
 }

@@ -124,4 +124,113 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts generating. The stream ends with `Done` or `Error`; cancelling `cancel`
     /// stops the work promptly and ends the stream with `Done { finish: Cancelled }`.
     fn generate(&self, request: GenerateRequest, cancel: CancellationToken) -> mpsc::Receiver<BackendEvent>;
+
+    /// Starts prefilling a user turn while the user is still speaking. `base` is the
+    /// context the turn follows (what a `generate` request would carry without the
+    /// turn). Audio pushed into the returned stream enters the model as it arrives, so
+    /// the `generate` that follows end of speech only prefills the turn's last frames.
+    /// `None`: this backend cannot (remote servers take whole requests).
+    fn open_turn(&self, base: GenerateRequest) -> Option<TurnStream> {
+        let _ = base;
+        None
+    }
+
+    /// A hint that a later request will start with `request`'s context (the retained
+    /// window after an eviction): a backend with a cache may build it in the background
+    /// so the eviction costs the conversation no pause. Default: nothing.
+    fn prepare(&self, request: GenerateRequest) {
+        let _ = request;
+    }
+
+    /// How this backend counts the tokens of a prompt.
+    fn token_counter(&self) -> Arc<dyn TokenCounter> {
+        Arc::new(EstimatedTokens::default())
+    }
+}
+
+/// Counts prompt tokens as a backend's model would see them.
+pub trait TokenCounter: Send + Sync {
+    /// Tokens of the whole prompt for `instructions`, `tools` and `messages`, ending
+    /// with the generation prompt when `add_generation_prompt`.
+    fn count(&self, instructions: &str, tools: &[ToolSpec], messages: &[ChatMessage], add_generation_prompt: bool) -> usize;
+    /// Whether counts are exact (the embedded model's own template and tokenizer) or estimates.
+    fn is_exact(&self) -> bool;
+}
+
+/// Estimates for remote servers, whose tokenizer hark does not have: about four
+/// characters per text token, Gemma's 25 audio tokens per second, a fixed budget per image.
+#[derive(Debug, Clone)]
+pub struct EstimatedTokens {
+    pub image_tokens: usize,
+}
+
+impl Default for EstimatedTokens {
+    fn default() -> Self {
+        Self { image_tokens: 280 }
+    }
+}
+
+impl TokenCounter for EstimatedTokens {
+    fn count(&self, instructions: &str, tools: &[ToolSpec], messages: &[ChatMessage], add_generation_prompt: bool) -> usize {
+        let text = |s: &str| s.len().div_ceil(4);
+        let mut n = 1 + text(instructions);
+        n += tools.iter().map(|t| 8 + text(&t.name) + text(&t.description) + text(&t.parameters.to_string())).sum::<usize>();
+        for m in messages {
+            n += 4 + match m {
+                ChatMessage::System(t) => text(t),
+                ChatMessage::User(parts) => parts
+                    .iter()
+                    .map(|p| match p {
+                        UserPart::Text(t) => text(t),
+                        UserPart::Audio(a) => 2 + a.len().div_ceil(640),
+                        UserPart::Image(_) => 2 + self.image_tokens,
+                    })
+                    .sum(),
+                ChatMessage::Assistant { text: t, tool_calls } => {
+                    text(t) + tool_calls.iter().map(|c| 6 + text(&c.name) + text(&c.arguments)).sum::<usize>()
+                }
+                ChatMessage::Tool { output, .. } => 6 + text(output),
+            };
+        }
+        n + if add_generation_prompt { 4 } else { 0 }
+    }
+
+    fn is_exact(&self) -> bool {
+        false
+    }
+}
+
+/// What a [`TurnStream`] carries to the backend.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TurnCommand {
+    /// More of the turn's audio: 16 kHz mono samples, continuing the previous ones.
+    Audio(Vec<f32>),
+    /// The turn was not speech after all: forget it, back to the context before it.
+    Retract,
+}
+
+/// A user turn being prefilled while the user speaks (see [`Backend::open_turn`]).
+/// Dropping it without [`TurnStream::retract`] leaves the prefilled frames in the
+/// backend's cache for the `generate` that closes the turn.
+pub struct TurnStream {
+    send: Box<dyn Fn(TurnCommand) + Send + Sync>,
+    /// After each prefilled batch of frames: the model's probability that the user's
+    /// turn ends there (the mass on the tokens that close an audio turn).
+    pub end_of_turn: mpsc::UnboundedReceiver<f32>,
+}
+
+impl TurnStream {
+    pub fn new(send: Box<dyn Fn(TurnCommand) + Send + Sync>, end_of_turn: mpsc::UnboundedReceiver<f32>) -> Self {
+        Self { send, end_of_turn }
+    }
+
+    pub fn push_audio(&self, samples: Vec<f32>) {
+        if !samples.is_empty() {
+            (self.send)(TurnCommand::Audio(samples));
+        }
+    }
+
+    pub fn retract(self) {
+        (self.send)(TurnCommand::Retract);
+    }
 }

@@ -60,6 +60,11 @@ impl AppState {
             vad,
             max_buffer_seconds: config.audio.max_buffer_seconds,
             max_items: MAX_ITEMS,
+            retention: crate::context::RetentionPolicy {
+                max_tokens: config.session.context.max_tokens,
+                retention_ratio: config.session.context.retention_ratio,
+            },
+            streaming_prefill: config.session.streaming_prefill,
         };
         Ok(Self {
             session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),

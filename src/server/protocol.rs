@@ -215,6 +215,8 @@ pub struct ItemInput {
     pub name: Option<String>,
     pub arguments: Option<String>,
     pub output: Option<String>,
+    /// hark extension: a pinned item is never evicted from the context window.
+    pub pinned: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

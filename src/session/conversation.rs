@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::context::{WindowItem, WindowItemKind};
 use crate::model::{ChatMessage, ToolCall, UserPart};
 use crate::server::protocol::{Item, ItemKind, Role};
 
@@ -20,6 +21,14 @@ pub struct ConversationItem {
     pub item: Item,
     /// One entry per `item.content` part.
     pub payloads: Vec<Payload>,
+    /// Never evicted from the context window (hark extension: `item.pinned`).
+    pub pinned: bool,
+}
+
+impl ConversationItem {
+    pub fn new(item: Item, payloads: Vec<Payload>) -> Self {
+        Self { item, payloads, pinned: false }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -94,59 +103,91 @@ impl Conversation {
     /// The conversation as chat messages for a backend. A function call joins the
     /// assistant message before it, as chat-completions servers expect.
     pub fn to_messages(&self) -> Vec<ChatMessage> {
-        let mut out: Vec<ChatMessage> = Vec::new();
-        for ci in &self.items {
-            let it = &ci.item;
-            match it.kind {
-                ItemKind::Message => {
-                    let parts = it.content.as_deref().unwrap_or_default();
-                    match it.role {
-                        Some(Role::User) => {
-                            let mut user = Vec::new();
-                            for (part, payload) in parts.iter().zip(&ci.payloads) {
-                                match payload {
-                                    Payload::Audio(a) => user.push(UserPart::Audio(a.clone())),
-                                    Payload::Image(url) => user.push(UserPart::Image(url.as_ref().clone())),
-                                    Payload::None => {
-                                        if let Some(t) = &part.text {
-                                            user.push(UserPart::Text(t.clone()));
-                                        }
+        self.messages_of(0, self.items.len())
+    }
+
+    /// What the context window needs of each item, in order.
+    pub fn window_items(&self) -> Vec<WindowItem> {
+        self.items
+            .iter()
+            .map(|ci| WindowItem {
+                id: ci.item.id.clone(),
+                kind: match (ci.item.kind, ci.item.role) {
+                    (ItemKind::Message, Some(Role::User)) => WindowItemKind::User,
+                    (ItemKind::FunctionCall, _) => WindowItemKind::Call,
+                    (ItemKind::FunctionCallOutput, _) => WindowItemKind::CallOutput,
+                    _ => WindowItemKind::Other,
+                },
+                pinned: ci.pinned || ci.item.role == Some(Role::System),
+            })
+            .collect()
+    }
+
+    /// Chat messages of the `len` items from `start`.
+    pub fn messages_of(&self, start: usize, len: usize) -> Vec<ChatMessage> {
+        let end = (start + len).min(self.items.len());
+        chat_messages(self.items[start.min(end)..end].iter())
+    }
+
+    /// Chat messages of every item except those named.
+    pub fn messages_without(&self, ids: &[String]) -> Vec<ChatMessage> {
+        chat_messages(self.items.iter().filter(|ci| !ids.contains(&ci.item.id)))
+    }
+}
+
+fn chat_messages<'a>(items: impl Iterator<Item = &'a ConversationItem>) -> Vec<ChatMessage> {
+    let mut out: Vec<ChatMessage> = Vec::new();
+    for ci in items {
+        let it = &ci.item;
+        match it.kind {
+            ItemKind::Message => {
+                let parts = it.content.as_deref().unwrap_or_default();
+                match it.role {
+                    Some(Role::User) => {
+                        let mut user = Vec::new();
+                        for (part, payload) in parts.iter().zip(&ci.payloads) {
+                            match payload {
+                                Payload::Audio(a) => user.push(UserPart::Audio(a.clone())),
+                                Payload::Image(url) => user.push(UserPart::Image(url.as_ref().clone())),
+                                Payload::None => {
+                                    if let Some(t) = &part.text {
+                                        user.push(UserPart::Text(t.clone()));
                                     }
                                 }
                             }
-                            if !user.is_empty() {
-                                out.push(ChatMessage::User(user));
-                            }
                         }
-                        Some(Role::System) => {
-                            let text: Vec<&str> = parts.iter().filter_map(|p| p.text.as_deref()).collect();
-                            out.push(ChatMessage::System(text.join("\n")));
-                        }
-                        Some(Role::Assistant) | None => {
-                            let text: String = parts.iter().filter_map(|p| p.text.as_deref()).collect();
-                            out.push(ChatMessage::Assistant { text, tool_calls: Vec::new() });
+                        if !user.is_empty() {
+                            out.push(ChatMessage::User(user));
                         }
                     }
-                }
-                ItemKind::FunctionCall => {
-                    let call = ToolCall {
-                        call_id: it.call_id.clone().unwrap_or_default(),
-                        name: it.name.clone().unwrap_or_default(),
-                        arguments: it.arguments.clone().unwrap_or_default(),
-                    };
-                    match out.last_mut() {
-                        Some(ChatMessage::Assistant { tool_calls, .. }) => tool_calls.push(call),
-                        _ => out.push(ChatMessage::Assistant { text: String::new(), tool_calls: vec![call] }),
+                    Some(Role::System) => {
+                        let text: Vec<&str> = parts.iter().filter_map(|p| p.text.as_deref()).collect();
+                        out.push(ChatMessage::System(text.join("\n")));
+                    }
+                    Some(Role::Assistant) | None => {
+                        let text: String = parts.iter().filter_map(|p| p.text.as_deref()).collect();
+                        out.push(ChatMessage::Assistant { text, tool_calls: Vec::new() });
                     }
                 }
-                ItemKind::FunctionCallOutput => out.push(ChatMessage::Tool {
-                    call_id: it.call_id.clone().unwrap_or_default(),
-                    output: it.output.clone().unwrap_or_default(),
-                }),
             }
+            ItemKind::FunctionCall => {
+                let call = ToolCall {
+                    call_id: it.call_id.clone().unwrap_or_default(),
+                    name: it.name.clone().unwrap_or_default(),
+                    arguments: it.arguments.clone().unwrap_or_default(),
+                };
+                match out.last_mut() {
+                    Some(ChatMessage::Assistant { tool_calls, .. }) => tool_calls.push(call),
+                    _ => out.push(ChatMessage::Assistant { text: String::new(), tool_calls: vec![call] }),
+                }
+            }
+            ItemKind::FunctionCallOutput => out.push(ChatMessage::Tool {
+                call_id: it.call_id.clone().unwrap_or_default(),
+                output: it.output.clone().unwrap_or_default(),
+            }),
         }
-        out
     }
+    out
 }
 
 #[cfg(test)]
@@ -169,6 +210,7 @@ mod tests {
                 output: None,
             },
             payloads: vec![Payload::None],
+            pinned: false,
         }
     }
 

@@ -17,10 +17,11 @@ use base64::Engine;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::context::{ContextWindow, RetentionPolicy};
 use crate::media::frame::{ms_to_samples, samples_to_ms, MODEL_SAMPLE_RATE};
 use crate::media::vad::{EnergyVad, SileroModel, VadError, VoiceDetector};
 use crate::media::AudioPipeline;
-use crate::model::{Backend, BackendEvent, GenerateRequest, ToolSpec};
+use crate::model::{Backend, BackendEvent, ChatMessage, GenerateRequest, ToolSpec, TurnStream};
 use crate::server::protocol::{
     new_id, ClientEnvelope, ClientEvent, ContentInput, ContentPart, Item, ItemInput, ItemKind, ItemStatus, MaxTokens,
     ProtocolError, ResponseParams, Role, ServerEvent, MAX_APPEND_BYTES,
@@ -62,6 +63,10 @@ pub struct SessionDeps {
     /// Cap on the input audio buffer, in seconds.
     pub max_buffer_seconds: u32,
     pub max_items: usize,
+    /// The context window's limits.
+    pub retention: RetentionPolicy,
+    /// Prefill user audio while the user speaks, where the backend can.
+    pub streaming_prefill: bool,
 }
 
 /// Shortest audio a manual commit accepts (the protocol's rule).
@@ -110,6 +115,13 @@ struct PendingSpeech {
     item_id: String,
 }
 
+/// The user's turn, streaming into the model while they speak.
+struct StreamingTurn {
+    stream: TurnStream,
+    /// Stream position (16 kHz) up to which audio has been sent.
+    sent_to: u64,
+}
+
 pub struct Session {
     deps: Arc<SessionDeps>,
     settings: SessionSettings,
@@ -125,6 +137,8 @@ pub struct Session {
     conversation: Conversation,
     response: Option<ResponseRun>,
     backend_rx: Option<mpsc::Receiver<BackendEvent>>,
+    streaming: Option<StreamingTurn>,
+    context: ContextWindow,
     events: Vec<ServerEvent>,
 }
 
@@ -138,7 +152,7 @@ impl Session {
         let max_items = deps.max_items;
         let mut s = Self {
             pipeline: AudioPipeline::new(settings.input_format, None).expect("16/24/8 kHz are supported rates"),
-            deps,
+            deps: deps.clone(),
             settings,
             stream_base: 0,
             turn: None,
@@ -149,6 +163,8 @@ impl Session {
             conversation: Conversation::new(max_items),
             response: None,
             backend_rx: None,
+            streaming: None,
+            context: ContextWindow::new(deps.retention, deps.backend.token_counter()),
             events: Vec::new(),
         };
         s.rebuild_audio_path();
@@ -171,6 +187,7 @@ impl Session {
                     break;
                 }
                 ev = next_backend_event(&mut self.backend_rx) => self.on_backend_event(ev),
+                p = next_end_of_turn(&mut self.streaming) => self.on_end_of_turn(p),
                 msg = input.recv() => match msg {
                     Some(SessionInput::Client(env)) => self.handle(env),
                     Some(SessionInput::Invalid(err)) => self.events.push(ServerEvent::from_protocol_error(err)),
@@ -181,6 +198,50 @@ impl Session {
         // The client is gone or we are stopping: stop the backend's work too.
         if let Some(run) = self.response.take() {
             run.cancel.cancel();
+        }
+        self.retract_streaming();
+    }
+
+    /// The model's end-of-turn probability for the streamed turn (`semantic_vad`).
+    fn on_end_of_turn(&mut self, p: Option<f32>) {
+        match (p, self.turn.as_mut()) {
+            (Some(p), Some(turn)) => turn.set_end_of_turn(p),
+            (Some(_), None) => {}
+            // The backend let the turn go (its cache was reused elsewhere): stop streaming.
+            (None, _) => self.streaming = None,
+        }
+    }
+
+    /// Starts streaming the user's turn into the model from stream position `from`.
+    fn start_streaming(&mut self, from: u64) {
+        self.retract_streaming();
+        if !self.deps.streaming_prefill || self.response.is_some() {
+            // A response still running (interrupt_response off) changes the context
+            // before this turn is answered; the stream would not match.
+            return;
+        }
+        let request = self.model_request(&ResponseParams::default());
+        if let Some(stream) = self.deps.backend.open_turn(request) {
+            self.streaming = Some(StreamingTurn { stream, sent_to: from });
+            self.stream_turn_audio();
+        }
+    }
+
+    /// Sends the audio buffered since the last call to the streamed turn.
+    fn stream_turn_audio(&mut self) {
+        if let Some(st) = self.streaming.as_mut() {
+            let end = self.buffer.end();
+            if end > st.sent_to {
+                st.stream.push_audio(self.buffer.range(st.sent_to, end));
+                st.sent_to = end;
+            }
+        }
+    }
+
+    /// The streamed turn was not speech after all: the model forgets it.
+    fn retract_streaming(&mut self) {
+        if let Some(st) = self.streaming.take() {
+            st.stream.retract();
         }
     }
 
@@ -206,6 +267,7 @@ impl Session {
             ClientEvent::InputAudioBufferAppend { audio } => self.append_audio(&audio),
             ClientEvent::InputAudioBufferCommit {} => self.commit_buffer(),
             ClientEvent::InputAudioBufferClear {} => {
+                self.retract_streaming();
                 self.buffer.clear();
                 self.speech = None;
                 if let Some(t) = self.turn.as_mut() {
@@ -269,6 +331,7 @@ impl Session {
 
     /// A new pipeline for the current format, with a VAD when turn detection is on.
     fn rebuild_audio_path(&mut self) {
+        self.retract_streaming();
         self.stream_base += self.pipeline.position();
         let vad = match &self.settings.turn_detection {
             None => None,
@@ -314,6 +377,7 @@ impl Session {
                 None => {}
             }
         }
+        self.stream_turn_audio();
         self.check_idle_timeout();
         self.trim_buffer();
         Ok(())
@@ -363,6 +427,8 @@ impl Session {
         if interrupt && self.response.is_some() {
             self.cancel_response(CancelReason::TurnDetected);
         }
+        let padding = self.settings.turn_detection.as_ref().map_or(0, |t| t.prefix_padding_ms as u64);
+        self.start_streaming(start.saturating_sub(ms_to_samples(padding, MODEL_SAMPLE_RATE)));
     }
 
     fn on_speech_stopped(&mut self, start: u64, end: u64) {
@@ -375,6 +441,15 @@ impl Session {
         });
         let from = start.saturating_sub(ms_to_samples(td.prefix_padding_ms as u64, MODEL_SAMPLE_RATE));
         let to = end + ms_to_samples(TURN_TAIL_MS, MODEL_SAMPLE_RATE);
+        if end.saturating_sub(start) < ms_to_samples(td.min_speech_ms as u64, MODEL_SAMPLE_RATE) {
+            // Too short to be speech: retract the turn. Nothing is committed, and the
+            // frames already streamed into the model leave its cache.
+            self.retract_streaming();
+            self.buffer.drop_before(to);
+            return;
+        }
+        // The streamed frames stay in the model's cache for the response below.
+        self.streaming = None;
         let audio = self.buffer.range(from, to);
         self.buffer.drop_before(to);
         if let Err(e) = self.commit_audio(item_id, audio) {
@@ -432,6 +507,9 @@ impl Session {
         if let Some(t) = self.turn.as_mut() {
             t.reset();
         }
+        // The manual commit takes the whole buffer; any streamed frames that match it
+        // are reused by the backend's prefix match.
+        self.streaming = None;
         let item_id = self.speech.take().map(|s| s.item_id).unwrap_or_else(|| new_id("item"));
         self.commit_audio(item_id, audio)
     }
@@ -450,7 +528,7 @@ impl Session {
             arguments: None,
             output: None,
         };
-        let ci = ConversationItem { item: item.clone(), payloads: vec![Payload::Audio(Arc::new(audio))] };
+        let ci = ConversationItem::new(item.clone(), vec![Payload::Audio(Arc::new(audio))]);
         let previous_item_id =
             self.conversation.insert(None, ci).map_err(|e| ProtocolError::new("conversation_full", e.to_string()))?;
         self.events.push(ServerEvent::InputAudioBufferCommitted { previous_item_id: previous_item_id.clone(), item_id });
@@ -538,7 +616,7 @@ impl Session {
                 .param("item.type"))
             }
         }
-        Ok(ConversationItem { item, payloads })
+        Ok(ConversationItem { item, payloads, pinned: input.pinned.unwrap_or(false) })
     }
 
     fn content_from_input(&self, role: Role, i: usize, c: ContentInput) -> Result<(ContentPart, Payload), ProtocolError> {
@@ -605,25 +683,8 @@ impl Session {
             ));
         }
         let in_conversation = params.conversation.as_deref() != Some("none");
-        let tools: Vec<ToolSpec> = params
-            .tools
-            .as_ref()
-            .unwrap_or(&self.settings.tools)
-            .iter()
-            .map(|t| ToolSpec { name: t.name.clone(), description: t.description.clone(), parameters: t.parameters.clone() })
-            .collect();
         let max_tokens = params.max_output_tokens.clone().or(params.max_response_output_tokens.clone()).unwrap_or(self.settings.max_output_tokens.clone());
-        let request = GenerateRequest {
-            instructions: params.instructions.clone().unwrap_or_else(|| self.settings.instructions.clone()),
-            messages: self.conversation.to_messages(),
-            tools,
-            tool_choice: Some(params.tool_choice.clone().unwrap_or_else(|| self.settings.tool_choice.clone())),
-            max_output_tokens: match &max_tokens {
-                MaxTokens::Count(n) => Some(*n),
-                MaxTokens::Inf(_) => None,
-            },
-            temperature: Some(params.temperature.unwrap_or(self.settings.temperature)),
-        };
+        let request = self.model_request(&params);
         let modalities = params
             .output_modalities
             .clone()
@@ -633,6 +694,67 @@ impl Session {
         self.backend_rx = Some(self.deps.backend.generate(request, run.cancel.clone()));
         self.response = Some(run);
         Ok(())
+    }
+
+    /// The request a response would send now: the session's instructions and tools
+    /// (or the response's own), and the conversation as the context window keeps it.
+    fn model_request(&mut self, params: &ResponseParams) -> GenerateRequest {
+        let tools: Vec<ToolSpec> = params
+            .tools
+            .as_ref()
+            .unwrap_or(&self.settings.tools)
+            .iter()
+            .map(|t| ToolSpec { name: t.name.clone(), description: t.description.clone(), parameters: t.parameters.clone() })
+            .collect();
+        let max_tokens = params.max_output_tokens.clone().or(params.max_response_output_tokens.clone()).unwrap_or(self.settings.max_output_tokens.clone());
+        let instructions = params.instructions.clone().unwrap_or_else(|| self.settings.instructions.clone());
+        let messages = self.context_messages(&instructions, &tools);
+        GenerateRequest {
+            instructions,
+            messages,
+            tools,
+            tool_choice: Some(params.tool_choice.clone().unwrap_or_else(|| self.settings.tool_choice.clone())),
+            max_output_tokens: match &max_tokens {
+                MaxTokens::Count(n) => Some(*n),
+                MaxTokens::Inf(_) => None,
+            },
+            temperature: Some(params.temperature.unwrap_or(self.settings.temperature)),
+        }
+    }
+
+    /// The conversation as the model will see it. Past the window's limit the oldest
+    /// whole turns are evicted (each announced with `conversation.item.deleted`); near
+    /// it, the window that the next eviction will leave is handed to the backend to
+    /// prepare in the background.
+    fn context_messages(&mut self, instructions: &str, tools: &[ToolSpec]) -> Vec<ChatMessage> {
+        let items = self.conversation.window_items();
+        let conversation = &self.conversation;
+        let (turns, total) = self.context.measure(&items, instructions, tools, &|start, len| conversation.messages_of(start, len));
+        let plan = self.context.plan(&items, &turns, total);
+        if !plan.evict.is_empty() {
+            tracing::info!(
+                session = %self.settings.id,
+                items = plan.evict.len(),
+                tokens_before = plan.tokens_before,
+                tokens_after = plan.tokens_after,
+                "context window full: evicted the oldest turns"
+            );
+            for id in plan.evict {
+                if self.conversation.delete(&id).is_ok() {
+                    self.events.push(ServerEvent::ConversationItemDeleted { item_id: id });
+                }
+            }
+        }
+        if let Some(cut) = plan.prepare {
+            let request = GenerateRequest {
+                instructions: instructions.to_string(),
+                messages: self.conversation.messages_without(&cut),
+                tools: tools.to_vec(),
+                ..Default::default()
+            };
+            self.deps.backend.prepare(request);
+        }
+        self.conversation.to_messages()
     }
 
     fn cancel_response(&mut self, reason: CancelReason) {
@@ -682,6 +804,13 @@ fn run_heavy<T>(bytes: usize, f: impl FnOnce() -> T) -> T {
         tokio::task::block_in_place(f)
     } else {
         f()
+    }
+}
+
+async fn next_end_of_turn(streaming: &mut Option<StreamingTurn>) -> Option<f32> {
+    match streaming {
+        Some(st) => st.stream.end_of_turn.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -229,7 +229,7 @@ impl ResponseRun {
             let payloads = vec![Payload::None; item.content.as_ref().map_or(0, Vec::len)];
             // Ids are fresh, and a full conversation only loses this item's history,
             // never the response: the client still sees every event.
-            if let Ok(previous_item_id) = conv.insert(None, ConversationItem { item: item.clone(), payloads }) {
+            if let Ok(previous_item_id) = conv.insert(None, ConversationItem::new(item.clone(), payloads)) {
                 events.push(ServerEvent::ConversationItemAdded { previous_item_id, item });
             }
         }

@@ -28,15 +28,25 @@ pub struct TurnDetection {
     pub create_response: bool,
     pub interrupt_response: bool,
     pub eagerness: String,
+    /// hark: shorter voiced stretches are noise (config only).
+    pub min_speech_ms: u32,
 }
 
 impl TurnDetection {
     pub fn params(&self) -> TurnParams {
-        TurnParams { threshold: self.threshold, silence_duration_ms: self.effective_silence_ms() }
+        TurnParams {
+            threshold: self.threshold,
+            silence_duration_ms: self.effective_silence_ms(),
+            semantic_silence_ms: (self.kind == "semantic_vad").then(|| match self.eagerness.as_str() {
+                "high" => (200, 1000),
+                "low" => (500, 4000),
+                _ => (300, 2000),
+            }),
+        }
     }
 
-    /// `semantic_vad` maps its eagerness onto a silence duration until model-native
-    /// end-of-turn detection lands (see DESIGN.md §1).
+    /// `semantic_vad` without the model's end-of-turn signal (a remote backend):
+    /// the eagerness maps onto a fixed silence duration.
     fn effective_silence_ms(&self) -> u32 {
         if self.kind != "semantic_vad" {
             return self.silence_duration_ms;
@@ -78,6 +88,7 @@ impl TurnDetection {
             create_response: c.create_response,
             interrupt_response: c.interrupt_response,
             eagerness: "auto".into(),
+            min_speech_ms: c.min_speech_ms,
         }
     }
 
@@ -91,7 +102,11 @@ impl TurnDetection {
         }
         let mut t = match base {
             Some(b) if b.kind == u.kind => b.clone(),
-            _ => TurnDetection::from_config(&TurnDetectionConfig { kind: u.kind.clone(), ..Default::default() }),
+            Some(b) => TurnDetection {
+                min_speech_ms: b.min_speech_ms,
+                ..TurnDetection::from_config(&TurnDetectionConfig { kind: u.kind.clone(), ..Default::default() })
+            },
+            None => TurnDetection::from_config(&TurnDetectionConfig { kind: u.kind.clone(), ..Default::default() }),
         };
         if let Some(v) = u.threshold {
             if !(0.0..=1.0).contains(&v) {

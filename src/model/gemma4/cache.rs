@@ -14,6 +14,7 @@ use super::config::{LayerKind, TextConfig};
 /// go back this far.
 pub const ROLLBACK_SLACK: usize = 512;
 
+#[derive(Clone)]
 struct LayerCache {
     kind: LayerKind,
     /// `[kv_heads, len, head_dim]`
@@ -23,6 +24,9 @@ struct LayerCache {
     start: usize,
 }
 
+/// Cloning is cheap (tensors are shared) and the clone is independent: every change
+/// makes new tensors.
+#[derive(Clone)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
     window: usize,
