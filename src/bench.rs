@@ -201,6 +201,122 @@ pub fn model(presets: &[String], prompt: usize, decode: usize, device: &str, dty
     Ok(())
 }
 
+/// `hark bench latency`: end of speech → first token, with and without streaming
+/// prefill, at several context sizes; and what an eviction at the limit costs.
+pub fn latency(preset: &str, contexts: &[usize], speech_seconds: f32, device: &str, dtype: &str) -> anyhow::Result<()> {
+    use crate::model::embedded::{select_device, select_dtype, EmbeddedSettings, Engine};
+    use crate::model::gemma4::init::{write_random_checkpoint, Preset};
+    use crate::model::{ChatMessage, GenerateRequest, UserPart};
+    use tokio_util::sync::CancellationToken;
+
+    let p = Preset::parse(preset).ok_or_else(|| anyhow::anyhow!("unknown preset {preset}; use tiny, small or 12b"))?;
+    anyhow::ensure!(p != Preset::Gemma12B || device != "cpu", "the 12b preset is not benchmarked on CPU");
+    let dir = tempfile_dir(preset)?;
+    write_random_checkpoint(p, &dir, false, 1, |_, _| {})?;
+    let settings = EmbeddedSettings {
+        checkpoint: dir.clone(),
+        device: device.into(),
+        dtype: dtype.into(),
+        max_tokens: 1,
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+        cached_sessions: 4,
+        image_tokens: 280,
+    };
+    let mut engine = Engine::load(&settings, &select_device(device)?, select_dtype(dtype)?)?;
+    let speech: Vec<f32> = test_signal(16_000, speech_seconds.ceil() as u32).into_iter().take((speech_seconds * 16_000.0) as usize).collect();
+    let frames = speech.len().div_ceil(640);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!(
+        "hark bench latency: {preset} preset (random weights), {dtype} on {device} ({cores} cores); a {speech_seconds} s utterance \
+         ({frames} audio tokens) after a text conversation of each size. TTFT = end of speech → first token.\n"
+    );
+    println!("| context | build tok/s | TTFT, streaming off | TTFT, streaming on | on vs off | streamed frame p50 / max | eviction: re-prefill of the retained 80% (background) | TTFT right after eviction |");
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|");
+
+    let cancel = CancellationToken::new();
+    let turn = |i: usize| {
+        [
+            ChatMessage::User(vec![UserPart::Text(format!("Tell me about item {i} of the list, briefly please."))]),
+            ChatMessage::Assistant { text: format!("Item {i} is a fine thing to talk about; here is a short answer."), tool_calls: vec![] },
+        ]
+    };
+    let instructions = "You are hark, a helpful voice assistant. Answer briefly.".to_string();
+    for &size in contexts {
+        engine.clear_caches();
+        // Enough whole turns to reach `size` prompt tokens.
+        let one = GenerateRequest { instructions: instructions.clone(), messages: turn(0).to_vec(), ..Default::default() };
+        let empty = GenerateRequest { instructions: instructions.clone(), ..Default::default() };
+        let per_turn = engine.prompt(&one, false).map_err(anyhow::Error::msg)?.tokens.len()
+            - engine.prompt(&empty, false).map_err(anyhow::Error::msg)?.tokens.len();
+        let turns = (size / per_turn.max(1)).max(1);
+        let base = GenerateRequest { instructions: instructions.clone(), messages: (0..turns).flat_map(turn).collect(), ..Default::default() };
+        let base_tokens = engine.prompt(&base, false).map_err(anyhow::Error::msg)?.tokens.len();
+
+        let t = Instant::now();
+        engine.start_background(&base).map_err(anyhow::Error::msg)?;
+        while engine.background_pending() {
+            engine.background_step();
+        }
+        let build = t.elapsed().as_secs_f64();
+
+        let mut spoken = base.clone();
+        spoken.messages.push(ChatMessage::User(vec![UserPart::Audio(Arc::new(speech.clone()))]));
+        // Streaming off: the whole utterance is prefilled after end of speech.
+        let t = Instant::now();
+        engine.generate(&spoken, &cancel, &|_| true).map_err(anyhow::Error::msg)?;
+        let off = t.elapsed();
+        // Streaming on: frames enter as they are spoken; end of speech leaves the last one.
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.open_turn(1, &base, tx).map_err(anyhow::Error::msg)?;
+        let mut frame_times = Vec::with_capacity(frames);
+        for chunk in speech.chunks(640) {
+            let t = Instant::now();
+            engine.turn_audio(1, chunk).map_err(anyhow::Error::msg)?;
+            frame_times.push(t.elapsed());
+        }
+        frame_times.sort();
+        let t = Instant::now();
+        engine.generate(&spoken, &cancel, &|_| true).map_err(anyhow::Error::msg)?;
+        let on = t.elapsed();
+
+        // Eviction at the limit: the oldest whole turns go, about 80 % stays. The
+        // retained window is prefilled in the background; the next turn starts from it.
+        let keep = (turns * 4 / 5).max(1);
+        let retained = GenerateRequest { messages: base.messages[(turns - keep) * 2..].to_vec(), ..base.clone() };
+        let t = Instant::now();
+        engine.start_background(&retained).map_err(anyhow::Error::msg)?;
+        while engine.background_pending() {
+            engine.background_step();
+        }
+        let evict = t.elapsed().as_secs_f64();
+        let mut next = retained.clone();
+        next.messages.push(ChatMessage::User(vec![UserPart::Audio(Arc::new(speech.clone()))]));
+        let t = Instant::now();
+        engine.generate(&next, &cancel, &|_| true).map_err(anyhow::Error::msg)?;
+        let after = t.elapsed();
+
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "| {base_tokens} | {:.0} | {:.1} ms | {:.1} ms | {:.1}× faster | {:.1} / {:.1} ms | {:.2} s | {:.1} ms |",
+            base_tokens as f64 / build,
+            ms(off),
+            ms(on),
+            ms(off) / ms(on).max(1e-6),
+            ms(percentile(&frame_times, 0.5)),
+            ms(*frame_times.last().unwrap_or(&Duration::ZERO)),
+            evict,
+            ms(after),
+        );
+    }
+    println!("\nA streamed 40 ms frame must cost under 40 ms for the turn to keep up with the speaker.");
+    println!("Without the background preparation, the first request after an eviction would wait for the re-prefill column.");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 fn tempfile_dir(name: &str) -> std::io::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("hark-bench-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;

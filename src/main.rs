@@ -94,6 +94,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         realtime: bool,
     },
+    /// End of speech → first token with and without streaming prefill, and eviction cost.
+    Latency {
+        /// Random-weight preset: tiny, small or 12b (12b needs a GPU).
+        #[arg(long, default_value = "small")]
+        preset: String,
+        /// Context sizes in tokens, comma-separated.
+        #[arg(long, default_value = "1024,16384,65536", value_delimiter = ',')]
+        contexts: Vec<usize>,
+        /// Length of the spoken turn in seconds.
+        #[arg(long, default_value_t = 2.0)]
+        speech: f32,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Prefill and decode tokens/s of the embedded model on random-weight presets.
     Model {
         /// Presets to measure, comma-separated (tiny, small).
@@ -162,6 +178,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(&config)?;
             init_logging("warn");
             hark::bench::pipeline(&config, &streams, seconds, realtime)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what: BenchCommand::Latency { preset, contexts, speech, device, dtype } } => {
+            init_logging("warn");
+            hark::bench::latency(&preset, &contexts, speech, &device, &dtype)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what: BenchCommand::Model { presets, prompt, decode, device, dtypes } } => {

@@ -447,6 +447,10 @@ impl Engine {
             for ev in parser.push(&delta) {
                 emit_parsed(ev, &mut calls, &mut |e| send(e, &mut listener_gone));
             }
+            if generated == max_new {
+                // The reply is over: its last token enters the cache with the next turn.
+                break;
+            }
             logits = self.step(&mut ctx, next)?;
         }
         for ev in parser.finish() {
