@@ -215,12 +215,24 @@ fn a_request_arriving_mid_preparation_continues_the_half_built_cache() {
     let (long, retained) = long_and_retained();
     let mut warm = engine(ckpt.path(), 3);
     first_logits(&mut warm, &long);
+    let retained_len = warm.prompt(&retained, false).unwrap().tokens.len();
     warm.start_background(&retained).unwrap();
-    // No idle time at all: the eviction's request comes at once.
+    warm.background_step();
+    let built = retained_len.min(512);
+
+    // A request the preparation does not serve (the live conversation going on) leaves it running.
+    let mut live = long.clone();
+    live.messages.push(user("one more thing"));
+    first_logits(&mut warm, &live);
+    assert_eq!(warm.background_pending(), retained_len > 512);
+
+    // The eviction's request comes before the preparation is done: it takes the
+    // half-built cache over and prefills only the rest.
     let mut next = retained.clone();
     next.messages.push(user("and what about seven?"));
     let got = first_logits(&mut warm, &next);
     assert!(!warm.background_pending());
+    assert!(warm.last_prefill.0 >= built, "reused {} < {built}", warm.last_prefill.0);
     let mut cold = engine(ckpt.path(), 1);
     let err = rel_err(&got, &first_logits(&mut cold, &next));
     assert!(err < 1e-4, "{err}");

@@ -374,10 +374,7 @@ impl Engine {
         let max_ctx = self.model.config.text.max_position_embeddings;
         let max_new = request.max_output_tokens.unwrap_or(self.settings.max_tokens) as usize;
 
-        // A half-built background context is as good a starting point as any kept one.
-        if let Some(bg) = self.background.take() {
-            self.keep_context(bg.ctx);
-        }
+        self.adopt_background_if_better(&prompt.keys);
         let mut ctx = self.take_context(&prompt.keys);
         let reused = ctx.keys.len();
         self.last_prefill = (reused, tokens.len() - reused);
@@ -584,6 +581,20 @@ impl Engine {
         self.fresh_context()
     }
 
+    /// A half-built background context that serves `keys` better than every kept one
+    /// is taken over as it stands (the request prefills the rest); otherwise the
+    /// preparation goes on undisturbed once the request is done.
+    fn adopt_background_if_better(&mut self, keys: &[PositionKey]) {
+        let Some(bg) = &self.background else { return };
+        let lcp = bg.ctx.keys.iter().zip(keys).take_while(|(a, b)| a == b).count();
+        let kept = self.best_prefix(keys).map_or(0, |(_, l)| l);
+        if lcp > kept {
+            if let Some(bg) = self.background.take() {
+                self.keep_context(bg.ctx);
+            }
+        }
+    }
+
     /// Like [`Self::take_context`], but a copy: the kept context stays whole (the
     /// conversation goes on in it while this one is built).
     fn fork_context(&mut self, keys: &[PositionKey]) -> CachedContext {
@@ -631,9 +642,7 @@ impl Engine {
         let turn_open = self.tokenizer.token_id(template::TURN_START).ok_or("the tokenizer has no <|turn>")?;
         let audio_at = prompt.tokens.iter().rposition(|&t| t == boa).ok_or("no audio opening in the rendered turn")? + 1;
         let turn_start = prompt.tokens[..audio_at].iter().rposition(|&t| t == turn_open).ok_or("no turn opening")?;
-        if let Some(bg) = self.background.take() {
-            self.keep_context(bg.ctx);
-        }
+        self.adopt_background_if_better(&prompt.keys[..audio_at]);
         let mut ctx = self.take_context(&prompt.keys[..audio_at]);
         self.prefill(&mut ctx, &prompt, audio_at, None)?;
         self.open_turns.insert(stream, OpenTurn { context: ctx.id, turn_start, pending: Vec::new(), signals });
