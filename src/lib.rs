@@ -17,8 +17,11 @@
 //! - [`bench`]: `hark bench …` measurements that print tables.
 //! - [`tls`]: the process-wide rustls setup for HTTPS clients.
 //!
-//! Still to come (see `../shared/DESIGN.md` §2): `sources/` (microphone, WebRTC),
-//! `tools/` (YAML tools).
+//! - [`tools`]: YAML tools and agents — loading with `file:line` errors, the
+//!   [`tools::ToolRegistry`] that validates arguments and runs builtin, command, HTTP
+//!   and MCP tools with limits.
+//!
+//! Still to come (see `../shared/DESIGN.md` §2): `sources/` (microphone, WebRTC).
 
 pub mod bench;
 pub mod config;
@@ -28,3 +31,4 @@ pub mod model;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod tools;
