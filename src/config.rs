@@ -164,6 +164,10 @@ pub struct SessionDefaults {
     /// Prefill the user's audio into the embedded model while they speak, so the
     /// reply starts one decode step after end of speech.
     pub streaming_prefill: bool,
+    /// The agent (from `agents_dir`) new sessions start with; none: no agent tools.
+    pub agent: Option<String>,
+    /// How long hark waits for a client to answer a call of a tool it declared.
+    pub client_tool_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -324,6 +328,8 @@ impl Default for SessionDefaults {
             temperature: 0.7,
             context: ContextConfig::default(),
             streaming_prefill: true,
+            agent: None,
+            client_tool_timeout_ms: 60_000,
         }
     }
 }
@@ -505,6 +511,18 @@ mod tests {
     }
 }
 
+/// Reads and validates `tools_dir` and `agents_dir` without starting anything (MCP
+/// servers' tools are accepted under their server's prefix). Every problem is returned,
+/// each as `file:line: field: problem`.
+pub fn load_tool_specs(config: &Config) -> Result<(crate::tools::ToolSet, crate::tools::AgentSet), Vec<String>> {
+    let base = config.resolve(Path::new("."));
+    let tools = crate::tools::ToolSet::load_dir(&config.resolve(&config.tools_dir), &base)
+        .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    let agents = crate::tools::AgentSet::load_dir(&config.resolve(&config.agents_dir), &tools.catalog())
+        .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    Ok((tools, agents))
+}
+
 /// What `hark check` found.
 #[derive(Debug, Default)]
 pub struct CheckReport {
@@ -554,26 +572,20 @@ pub fn check(path: &Path) -> CheckReport {
             report.problems.push(format!("{}: backend.embedded.dtype: {e}", path.display()));
         }
     }
-    for dir in [&config.agents_dir, &config.tools_dir] {
-        let dir = config.resolve(dir);
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-            .collect();
-        files.sort();
-        for f in files {
-            let text = match std::fs::read_to_string(&f) {
-                Ok(t) => t,
-                Err(e) => {
-                    report.problems.push(format!("{}: cannot read: {e}", f.display()));
-                    continue;
+    match load_tool_specs(&config) {
+        Ok((tools, agents)) => {
+            if let Some(name) = &config.session.agent {
+                if agents.get(name).is_none() {
+                    report.problems.push(format!(
+                        "{}: session.agent: no agent named \"{name}\" in {}",
+                        path.display(),
+                        config.resolve(&config.agents_dir).display()
+                    ));
                 }
-            };
-            if let Err(e) = serde_yaml_ng::from_str::<Value>(&text) {
-                report.problems.push(yaml_error(&f.display().to_string(), &e).to_string());
             }
+            let _ = tools;
         }
+        Err(problems) => report.problems.extend(problems),
     }
     report
 }

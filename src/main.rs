@@ -28,6 +28,11 @@ enum Command {
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
     },
+    /// The YAML tools and agents.
+    Tools {
+        #[command(subcommand)]
+        what: ToolsCommand,
+    },
     /// Measure parts of hark and print a table.
     Bench {
         #[command(subcommand)]
@@ -37,6 +42,15 @@ enum Command {
     Model {
         #[command(subcommand)]
         what: ModelCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ToolsCommand {
+    /// Print every tool (MCP servers are started to list theirs) and agent.
+    List {
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
     },
 }
 
@@ -153,7 +167,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging(&config.log.level);
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(async move {
-                let state = hark::server::AppState::from_config(config)?;
+                let state = hark::server::AppState::from_config(config).await?;
                 let listener = hark::server::bind(&state.config).await?;
                 let addr = listener.local_addr()?;
                 tracing::info!("hark listening on http://{addr} (realtime: ws://{addr}/v1/realtime, backend: {})", state.deps.backend.name());
@@ -173,6 +187,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::Tools { what: ToolsCommand::List { config } } => {
+            let config = Config::load(&config)?;
+            init_logging("warn");
+            let (set, _) = hark::config::load_tool_specs(&config).map_err(|p| anyhow::anyhow!("{}", p.join("\n")))?;
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(async move {
+                let registry = set.start().await.map_err(|p| {
+                    anyhow::anyhow!("{}", p.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
+                })?;
+                print!("{}", registry.list_table());
+                let agents = hark::tools::AgentSet::load_dir(&config.resolve(&config.agents_dir), &registry.catalog())
+                    .map_err(|p| anyhow::anyhow!("{}", p.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")))?;
+                println!();
+                for a in &agents.agents {
+                    println!("agent {} ({}): {}", a.name, a.source.display(), a.tool_names().join(", "));
+                }
+                registry.shutdown().await;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what: BenchCommand::Pipeline { config, streams, seconds, realtime } } => {
             let config = Config::load(&config)?;

@@ -40,9 +40,26 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Loads what sessions need (VAD model, backend client). Fails with a message that
-    /// says what is missing and how to get it.
-    pub fn from_config(config: Config) -> anyhow::Result<Self> {
+    /// Loads what sessions need (VAD model, backend client, tools and agents; MCP tool
+    /// servers are started). Fails with a message that says what is missing and how to
+    /// get it; bad tool or agent YAML fails with every problem as `file:line: field: …`.
+    pub async fn from_config(config: Config) -> anyhow::Result<Self> {
+        let (tool_set, _) = crate::config::load_tool_specs(&config).map_err(|p| anyhow::anyhow!("{}", p.join("\n")))?;
+        let tools = tool_set.start().await.map_err(|p| {
+            anyhow::anyhow!("{}", p.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
+        })?;
+        // Agents resolve against the running registry: MCP tools are known by name now.
+        let agents = crate::tools::AgentSet::load_dir(&config.resolve(&config.agents_dir), &tools.catalog()).map_err(|p| {
+            anyhow::anyhow!("{}", p.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
+        })?;
+        if let Some(name) = &config.session.agent {
+            anyhow::ensure!(
+                agents.get(name).is_some(),
+                "session.agent: no agent named \"{name}\" in {} (agents: {})",
+                config.resolve(&config.agents_dir).display(),
+                agents.names().join(", ")
+            );
+        }
         let vad = match config.audio.vad {
             VadKind::Silero => VadFactory::Silero(
                 SileroModel::load(&config.onnxruntime_library(), &config.resolve(&config.audio.silero_model))
@@ -65,6 +82,9 @@ impl AppState {
                 retention_ratio: config.session.context.retention_ratio,
             },
             streaming_prefill: config.session.streaming_prefill,
+            tools: Arc::new(tools),
+            agents: Arc::new(agents),
+            client_tool_timeout: Duration::from_millis(config.session.client_tool_timeout_ms),
         };
         Ok(Self {
             session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),
@@ -146,12 +166,14 @@ pub async fn serve(listener: TcpListener, state: AppState) -> anyhow::Result<()>
     let shutdown = state.shutdown.clone();
     let sessions = state.sessions.clone();
     let grace = Duration::from_millis(state.config.server.shutdown_grace_ms);
+    let tools = state.deps.tools.clone();
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await?;
     sessions.close();
     if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
         tracing::warn!("some sessions did not close within {grace:?}");
     }
+    tools.shutdown().await;
     Ok(())
 }
 

@@ -67,6 +67,11 @@ pub struct SessionDeps {
     pub retention: RetentionPolicy,
     /// Prefill user audio while the user speaks, where the backend can.
     pub streaming_prefill: bool,
+    /// The YAML tools hark runs, and the agents that pick among them.
+    pub tools: Arc<crate::tools::ToolRegistry>,
+    pub agents: Arc<crate::tools::AgentSet>,
+    /// How long a client gets to answer a call of a tool it declared.
+    pub client_tool_timeout: std::time::Duration,
 }
 
 /// Shortest audio a manual commit accepts (the protocol's rule).

@@ -185,7 +185,7 @@ impl SessionSettings {
             tool_choice: json!("auto"),
             temperature: s.temperature,
             max_output_tokens: s.max_output_tokens.map(MaxTokens::Count).unwrap_or_else(|| MaxTokens::Inf("inf".into())),
-            agent: "default".into(),
+            agent: s.agent.clone().unwrap_or_default(),
         }
     }
 

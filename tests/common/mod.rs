@@ -203,12 +203,17 @@ pub fn test_config(model_base_url: &str) -> Config {
     c.backend.openai.model = "scripted".into();
     c.backend.openai.first_token_timeout_ms = 10_000;
     c.backend.openai.idle_timeout_ms = 10_000;
+    // No YAML tools or agents unless a test brings its own (the repo's examples start
+    // an MCP server).
+    c.tools_dir = repo_root().join("tests/fixtures/none");
+    c.agents_dir = repo_root().join("tests/fixtures/none");
     c
 }
 
 impl Hark {
     pub async fn start(config: Config) -> Hark {
         let state = hark::server::AppState::from_config(config)
+            .await
             .expect("hark could not start; run scripts/test, which fetches vendor/ first");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
