@@ -848,6 +848,18 @@ impl Media {
     }
 }
 
+/// The events the embedded backend streams for `text` written by the model (text that
+/// keeps Gemma 4's special tokens): deltas and tool calls, as generation would emit them.
+pub fn events_for_model_text(text: &str) -> Vec<BackendEvent> {
+    let mut out = Vec::new();
+    let mut calls = 0;
+    let mut parser = ToolCallParser::new();
+    for ev in parser.push(text).into_iter().chain(parser.finish()) {
+        emit_parsed(ev, &mut calls, &mut |e| out.push(e));
+    }
+    out
+}
+
 fn emit_parsed(ev: ParsedEvent, calls: &mut usize, send: &mut dyn FnMut(BackendEvent)) {
     match ev {
         ParsedEvent::Text(t) if !t.is_empty() => send(BackendEvent::TextDelta(t)),

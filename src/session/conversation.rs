@@ -60,6 +60,11 @@ impl Conversation {
         self.items.is_empty()
     }
 
+    /// The items, in order.
+    pub fn items(&self) -> Vec<&Item> {
+        self.items.iter().map(|ci| &ci.item).collect()
+    }
+
     pub fn last_id(&self) -> Option<String> {
         self.items.last().map(|i| i.item.id.clone())
     }

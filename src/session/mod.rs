@@ -6,7 +6,9 @@
 //! owned by the task: handlers are plain synchronous methods that queue events, and
 //! the loop flushes them, so no lock is ever held across an await.
 
+pub mod calls;
 pub mod conversation;
+mod dispatch;
 pub mod response;
 pub mod settings;
 pub mod turn;
@@ -26,7 +28,9 @@ use crate::server::protocol::{
     new_id, ClientEnvelope, ClientEvent, ContentInput, ContentPart, Item, ItemInput, ItemKind, ItemStatus, MaxTokens,
     ProtocolError, ResponseParams, Role, ServerEvent, MAX_APPEND_BYTES,
 };
-use conversation::{Conversation, ConversationItem, Payload};
+use calls::CallLedger;
+pub use conversation::Conversation;
+use conversation::{ConversationItem, Payload};
 use response::{CancelReason, ResponseRun};
 pub use settings::SessionSettings;
 use turn::{TurnDetector, TurnEvent};
@@ -144,6 +148,15 @@ pub struct Session {
     backend_rx: Option<mpsc::Receiver<BackendEvent>>,
     streaming: Option<StreamingTurn>,
     context: ContextWindow,
+    /// The session's agent: its tools run in hark.
+    agent: Option<crate::tools::Agent>,
+    calls: CallLedger,
+    tool_results_tx: mpsc::Sender<(String, String)>,
+    tool_results_rx: mpsc::Receiver<(String, String)>,
+    /// Follow-up responses created for tool results since the user last spoke.
+    tool_rounds: u32,
+    /// The last response started hark-run calls: continue once they are answered.
+    follow_up: bool,
     events: Vec<ServerEvent>,
 }
 
@@ -155,6 +168,7 @@ impl Session {
             settings.model = m;
         }
         let max_items = deps.max_items;
+        let (tool_results_tx, tool_results_rx) = mpsc::channel(64);
         let mut s = Self {
             pipeline: AudioPipeline::new(settings.input_format, None).expect("16/24/8 kHz are supported rates"),
             deps: deps.clone(),
@@ -170,15 +184,36 @@ impl Session {
             backend_rx: None,
             streaming: None,
             context: ContextWindow::new(deps.retention, deps.backend.token_counter()),
+            agent: None,
+            calls: CallLedger::default(),
+            tool_results_tx,
+            tool_results_rx,
+            tool_rounds: 0,
+            follow_up: false,
             events: Vec::new(),
         };
+        // `?model=NAME` naming an agent picks it; otherwise the configured default.
+        let wanted = Some(s.settings.model.clone())
+            .filter(|m| s.deps.agents.get(m).is_some())
+            .or_else(|| Some(s.settings.agent.clone()).filter(|a| !a.is_empty()));
+        if let Some(name) = wanted {
+            match s.select_agent(&name) {
+                Ok((settings, agent)) => {
+                    s.settings = settings;
+                    s.agent = Some(agent);
+                }
+                Err(e) => tracing::warn!("agent {name}: {}", e.message),
+            }
+        }
         s.rebuild_audio_path();
         s
     }
 
-    /// Runs until the client goes away or `shutdown` fires.
-    pub async fn run(mut self, mut input: mpsc::Receiver<SessionInput>, out: mpsc::Sender<ServerEvent>, shutdown: CancellationToken) {
+    /// Runs until the client goes away or `shutdown` fires. Returns the conversation
+    /// as it ended (every tool call answered), for whoever wants to look.
+    pub async fn run(mut self, mut input: mpsc::Receiver<SessionInput>, out: mpsc::Sender<ServerEvent>, shutdown: CancellationToken) -> Conversation {
         self.events.push(ServerEvent::SessionCreated { session: self.settings.info() });
+        self.greet();
         loop {
             if !flush(&mut self.events, &out).await {
                 break;
@@ -193,6 +228,8 @@ impl Session {
                 }
                 ev = next_backend_event(&mut self.backend_rx) => self.on_backend_event(ev),
                 p = next_end_of_turn(&mut self.streaming) => self.on_end_of_turn(p),
+                Some((call_id, output)) = self.tool_results_rx.recv() => self.on_tool_result(call_id, output),
+                _ = sleep_until(self.calls.next_deadline()) => self.expire_client_calls(),
                 msg = input.recv() => match msg {
                     Some(SessionInput::Client(env)) => self.handle(env),
                     Some(SessionInput::Invalid(err)) => self.events.push(ServerEvent::from_protocol_error(err)),
@@ -205,6 +242,8 @@ impl Session {
             run.cancel.cancel();
         }
         self.retract_streaming();
+        self.close_calls();
+        self.conversation
     }
 
     /// The model's end-of-turn probability for the streamed turn (`semantic_vad`).
@@ -260,8 +299,10 @@ impl Session {
             BackendEvent::Error(crate::model::BackendError::Protocol("the backend stopped without finishing".into()))
         });
         if run.on_backend_event(ev, &mut self.conversation, &mut self.events) {
+            let calls = run.call_items();
             self.response = None;
             self.backend_rx = None;
+            self.dispatch_calls(calls, true);
         }
     }
 
@@ -321,7 +362,18 @@ impl Session {
     }
 
     fn update_session(&mut self, update: crate::server::protocol::SessionUpdate) -> Result<(), ProtocolError> {
-        let next = self.settings.merged(&update)?;
+        let mut agent = None;
+        let next = match update.agent.as_deref().filter(|a| *a != self.settings.agent) {
+            Some(name) => {
+                let (base, a) = self.select_agent(name)?;
+                agent = Some(a);
+                base.merged(&update)?
+            }
+            None => self.settings.merged(&update)?,
+        };
+        if agent.is_some() {
+            self.agent = agent;
+        }
         let audio_path_changed = next.input_format != self.settings.input_format
             || next.turn_detection.is_some() != self.settings.turn_detection.is_some();
         self.settings = next;
@@ -432,6 +484,9 @@ impl Session {
         if interrupt && self.response.is_some() {
             self.cancel_response(CancelReason::TurnDetected);
         }
+        if interrupt {
+            self.interrupt_calls();
+        }
         let padding = self.settings.turn_detection.as_ref().map_or(0, |t| t.prefix_padding_ms as u64);
         self.start_streaming(start.saturating_sub(ms_to_samples(padding, MODEL_SAMPLE_RATE)));
     }
@@ -521,6 +576,7 @@ impl Session {
 
     /// Turns committed audio into a user message item.
     fn commit_audio(&mut self, item_id: String, audio: Vec<f32>) -> Result<(), ProtocolError> {
+        self.tool_rounds = 0;
         let item = Item {
             id: item_id.clone(),
             object: "realtime.item",
@@ -545,11 +601,41 @@ impl Session {
     fn create_item(&mut self, previous: Option<String>, input: ItemInput) -> Result<(), ProtocolError> {
         let ci = self.item_from_input(input)?;
         let item = ci.item.clone();
+        let answers_call = match (item.kind, &item.call_id) {
+            (ItemKind::FunctionCallOutput, Some(id)) => Some(id.clone()),
+            _ => None,
+        };
+        if let Some(id) = &answers_call {
+            // Every call is answered once: a second output (or one for a call hark
+            // already answered) would leave the model two results for one call.
+            if self.calls.is_answered(id) {
+                return Err(ProtocolError::new(
+                    "tool_output_duplicate",
+                    format!("Call '{id}' already has its output; each call is answered exactly once."),
+                )
+                .param("item.call_id"));
+            }
+            if let Some(call) = self.calls.get(id) {
+                if matches!(call.answerer, calls::Answerer::Server { .. }) {
+                    return Err(ProtocolError::new(
+                        "tool_output_not_allowed",
+                        format!("Call '{id}' is a hark tool ({}); hark answers it.", call.name),
+                    )
+                    .param("item.call_id"));
+                }
+            }
+        }
+        if item.role == Some(Role::User) {
+            self.tool_rounds = 0;
+        }
         let previous_item_id = self.conversation.insert(previous.as_deref(), ci).map_err(|e| match e {
             conversation::ConversationError::NotFound(_) => ProtocolError::new("item_not_found", e.to_string()).param("previous_item_id"),
             conversation::ConversationError::Duplicate(_) => ProtocolError::new("duplicate_item_id", e.to_string()).param("item.id"),
             conversation::ConversationError::Full(_) => ProtocolError::new("conversation_full", e.to_string()),
         })?;
+        if let Some(id) = answers_call {
+            self.calls.claim(&id);
+        }
         self.events.push(ServerEvent::ConversationItemAdded { previous_item_id: previous_item_id.clone(), item: item.clone() });
         self.events.push(ServerEvent::ConversationItemDone { previous_item_id, item });
         Ok(())
@@ -704,13 +790,14 @@ impl Session {
     /// The request a response would send now: the session's instructions and tools
     /// (or the response's own), and the conversation as the context window keeps it.
     fn model_request(&mut self, params: &ResponseParams) -> GenerateRequest {
-        let tools: Vec<ToolSpec> = params
+        let mut tools: Vec<ToolSpec> = params
             .tools
             .as_ref()
             .unwrap_or(&self.settings.tools)
             .iter()
             .map(|t| ToolSpec { name: t.name.clone(), description: t.description.clone(), parameters: t.parameters.clone() })
             .collect();
+        tools.extend(self.agent_tool_specs(&tools));
         let max_tokens = params.max_output_tokens.clone().or(params.max_response_output_tokens.clone()).unwrap_or(self.settings.max_output_tokens.clone());
         let instructions = params.instructions.clone().unwrap_or_else(|| self.settings.instructions.clone());
         let messages = self.context_messages(&instructions, &tools);
@@ -766,6 +853,8 @@ impl Session {
         if let Some(mut run) = self.response.take() {
             run.finish_cancelled(reason, &mut self.conversation, &mut self.events);
             self.backend_rx = None;
+            // Calls of a cut-off response never run; each is answered "cancelled".
+            self.dispatch_calls(run.call_items(), false);
         }
     }
 }
@@ -809,6 +898,14 @@ fn run_heavy<T>(bytes: usize, f: impl FnOnce() -> T) -> T {
         tokio::task::block_in_place(f)
     } else {
         f()
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -179,6 +179,21 @@ impl ResponseRun {
         }
     }
 
+    /// The function calls this response put in the conversation (none for an
+    /// out-of-band response), with their final status.
+    pub fn call_items(&self) -> Vec<Item> {
+        if !self.in_conversation {
+            return Vec::new();
+        }
+        self.outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Call { item, .. } => Some(item.clone()),
+                Output::Message { .. } => None,
+            })
+            .collect()
+    }
+
     /// Ends the response early: open items become `incomplete`.
     pub fn finish_cancelled(&mut self, reason: CancelReason, conv: &mut Conversation, events: &mut Vec<ServerEvent>) {
         self.cancel.cancel();
