@@ -70,3 +70,48 @@ fn env_overrides_apply_and_bad_ones_are_named() {
     let (ok, out) = hark(&["check", "--config", cfg.to_str().unwrap()], &[("HARK_SERVER__PORT", "9001"), ("HARK_BACKEND__KIND", "openai")]);
     assert!(ok, "{out}");
 }
+
+#[test]
+fn bad_tool_and_agent_yaml_is_reported_by_check_and_refused_by_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tools, agents) = (dir.path().join("tools"), dir.path().join("agents"));
+    std::fs::create_dir_all(&tools).unwrap();
+    std::fs::create_dir_all(&agents).unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(&cfg, "backend: {kind: openai}\naudio: {vad: energy}\nsession: {agent: helper}\n").unwrap();
+    let good = "name: echo\ndescription: d\nparameters: {type: object, properties: {text: {type: string}}}\nhandler: {kind: command, argv: [/bin/echo, \"{text}\"]}\n";
+    std::fs::write(tools.join("echo.yaml"), good).unwrap();
+    std::fs::write(tools.join("twin.yaml"), good).unwrap();
+    std::fs::write(tools.join("typo.yaml"), "name: typo\ndescription: d\nhandler: {kind: builtin, name: clock}\ncolour: red\n").unwrap();
+    std::fs::write(tools.join("types.yaml"), "name: types\ndescription: d\nhandler:\n  kind: command\n  argv: [/bin/true]\n  timeout_ms: soon\n").unwrap();
+    std::fs::write(tools.join("kind.yaml"), "name: kind\ndescription: d\nhandler: {kind: teleport}\n").unwrap();
+    let (ok, out) = hark(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert!(!ok, "{out}");
+    for (file, line, field) in [("twin.yaml", 1, "name"), ("typo.yaml", 4, "colour"), ("types.yaml", 6, "timeout_ms"), ("kind.yaml", 3, "teleport")] {
+        let want = format!("{file}:{line}:");
+        assert!(out.lines().any(|l| l.contains(&want) && l.contains(field)), "no `{want} … {field}` in:\n{out}");
+    }
+    let (ok, serve_out) = hark(&["serve", "--config", cfg.to_str().unwrap()], &[("HARK_SERVER__PORT", "0")]);
+    assert!(!ok);
+    assert!(serve_out.contains("typo.yaml:4:") && serve_out.contains("colour"), "{serve_out}");
+
+    // Tools fixed; an agent naming a tool that does not exist.
+    for f in ["twin.yaml", "typo.yaml", "types.yaml", "kind.yaml"] {
+        std::fs::remove_file(tools.join(f)).unwrap();
+    }
+    std::fs::write(agents.join("helper.yaml"), "name: helper\ninstructions: hi\ntools:\n  - echo\n  - weather\n").unwrap();
+    let (ok, out) = hark(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(out.lines().any(|l| l.contains("helper.yaml:5:") && l.contains("tools[1]") && l.contains("weather")), "{out}");
+    let (ok, serve_out) = hark(&["serve", "--config", cfg.to_str().unwrap()], &[("HARK_SERVER__PORT", "0")]);
+    assert!(!ok);
+    assert!(serve_out.contains("helper.yaml:5:"), "{serve_out}");
+
+    // Fixed: check passes and `hark tools list` prints the tool and the agent.
+    std::fs::write(agents.join("helper.yaml"), "name: helper\ninstructions: hi\ntools: [echo]\n").unwrap();
+    let (ok, out) = hark(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert!(ok, "{out}");
+    let (ok, out) = hark(&["tools", "list", "--config", cfg.to_str().unwrap()], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("echo") && out.contains("command") && out.contains("agent helper"), "{out}");
+}
