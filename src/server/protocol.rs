@@ -10,6 +10,8 @@
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::tools::registry::json_kind;
+
 /// Largest `input_audio_buffer.append` payload, as decoded bytes (the protocol's limit).
 pub const MAX_APPEND_BYTES: usize = 15 * 1024 * 1024;
 /// Largest client frame we accept at all (base64 of the above plus JSON overhead).
@@ -322,17 +324,6 @@ pub fn parse_client_event(text: &str) -> Result<ClientEnvelope, ProtocolError> {
         ProtocolError { code: "invalid_value", message, param, event_id: event_id.clone() }
     })?;
     Ok(ClientEnvelope { event_id, event })
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 // ───────────────────────────── server events ─────────────────────────────

@@ -407,7 +407,8 @@ pub fn parse_arguments(text: &str) -> Result<Map<String, Value>, String> {
     }
 }
 
-fn json_kind(v: &Value) -> &'static str {
+/// "a string", "an array", …: a JSON value's kind, for error messages.
+pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
