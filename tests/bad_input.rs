@@ -168,6 +168,8 @@ async fn item_errors_and_conflicting_responses() {
     model.push(Reply::StreamThenHang { chunks: vec![json!({"choices": [{"index": 0, "delta": {"content": "x"}}]})] });
     c.send(json!({"type": "response.create"})).await;
     c.until("response.created").await;
+    // The scripted reply goes to the first request: cancel only once it has arrived.
+    model.wait_requests(1).await;
     c.send(json!({"type": "response.create", "event_id": "second"})).await;
     let e = c.until("error").await;
     assert_eq!((e["error"]["code"].as_str(), e["error"]["event_id"].as_str()), (Some("conversation_already_has_active_response"), Some("second")));
