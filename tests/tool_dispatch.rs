@@ -341,3 +341,25 @@ async fn embedded_grammar_tool_calls_go_through_the_same_dispatch() {
     assert_eq!(answers.len(), 2);
     assert!(answers.values().any(|a| a == r#"{"result":"a } b, c: {d}"}"#), "{answers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_pick_agents_and_unknown_ones_are_refused() {
+    let model = ScriptedModel::start().await;
+    let s = setup(&model.base_url(), 60_000).await;
+    let mut d = Driven::start(s.state.deps.clone());
+    let created = d.until_type("session.created").await;
+    let session = &created.last().unwrap()["session"];
+    assert_eq!(session["instructions"], "You test tools.", "the config's default agent applies");
+    d.send(json!({"type": "session.update", "event_id": "u1", "session": {"type": "realtime", "agent": "nobody"}})).await;
+    let err = d.until_type("error").await;
+    let err = &err.last().unwrap()["error"];
+    assert_eq!((err["code"].as_str(), err["param"].as_str()), (Some("invalid_value"), Some("session.agent")), "{err}");
+    // The session is unchanged and its agent's tools reach the model.
+    ask(&mut d, "hello").await;
+    d.until_type("response.done").await;
+    let req = &model.wait_requests(1).await[0];
+    let names: Vec<&str> = req["tools"].as_array().unwrap().iter().map(|t| t["function"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["echo", "slow", "slow_keep", "hang"]);
+    assert!(req["messages"][0]["content"].as_str().unwrap().contains("You test tools."), "{req}");
+    d.finish().await;
+}
