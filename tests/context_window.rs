@@ -153,4 +153,10 @@ async fn a_click_is_retracted_and_the_next_turn_is_answered() {
     c.until("input_audio_buffer.committed").await;
     let done = c.until("response.done").await;
     assert_ne!(done["response"]["status"], "failed", "{done}");
+    // The turn was streamed into the model while it was spoken: of its ~32 audio
+    // tokens (0.3 s padding + 0.8 s + 0.2 s tail) only the last frame and the turn's
+    // closing were prefilled after end of speech.
+    let usage = &done["response"]["usage"];
+    let (input, cached) = (usage["input_tokens"].as_u64().unwrap(), usage["input_token_details"]["cached_tokens"].as_u64().unwrap());
+    assert!(input - cached < 25, "prefilled {} of {input} after end of speech: {usage}", input - cached);
 }

@@ -383,7 +383,7 @@ impl Engine {
             None if cancel.is_cancelled() => {
                 // Keep what was prefilled: the next turn will reuse it.
                 self.keep_context(ctx);
-                return Ok((FinishReason::Cancelled, TokenUsage { input_tokens: tokens.len() as u32, output_tokens: 0 }));
+                return Ok((FinishReason::Cancelled, TokenUsage { input_tokens: tokens.len() as u32, output_tokens: 0, cached_input_tokens: reused as u32 }));
             }
             None => {
                 // Everything was cached: recompute the last position's logits.
@@ -466,7 +466,7 @@ impl Engine {
             }
         }
         self.keep_context(ctx);
-        Ok((finish, TokenUsage { input_tokens: tokens.len() as u32, output_tokens: generated as u32 }))
+        Ok((finish, TokenUsage { input_tokens: tokens.len() as u32, output_tokens: generated as u32, cached_input_tokens: reused as u32 }))
     }
 
     /// Prefills `prompt` from the context's current length up to `end`, in chunks that

@@ -83,6 +83,8 @@ pub enum FinishReason {
 pub struct TokenUsage {
     pub input_tokens: u32,
     pub output_tokens: u32,
+    /// Input tokens served from a cache rather than prefilled for this request.
+    pub cached_input_tokens: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

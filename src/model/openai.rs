@@ -287,6 +287,10 @@ impl StreamState {
             self.usage = Some(TokenUsage {
                 input_tokens: u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0) as u32,
                 output_tokens: u.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0) as u32,
+                cached_input_tokens: u
+                    .pointer("/prompt_tokens_details/cached_tokens")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0) as u32,
             });
         }
         let Some(choices) = v.get("choices").and_then(Value::as_array) else {

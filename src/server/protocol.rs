@@ -438,6 +438,14 @@ pub struct Usage {
     pub total_tokens: u32,
     pub input_tokens: u32,
     pub output_tokens: u32,
+    /// `{cached_tokens}`: input served from the model's cache (with streaming prefill,
+    /// nearly all of a spoken turn).
+    pub input_token_details: InputTokenDetails,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct InputTokenDetails {
+    pub cached_tokens: u32,
 }
 
 /// The session as reported in `session.created` / `session.updated`, in neutral form;

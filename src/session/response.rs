@@ -88,6 +88,7 @@ impl ResponseRun {
                 total_tokens: u.input_tokens + u.output_tokens,
                 input_tokens: u.input_tokens,
                 output_tokens: u.output_tokens,
+                input_token_details: crate::server::protocol::InputTokenDetails { cached_tokens: u.cached_input_tokens },
             }),
             metadata: self.metadata.clone(),
         }
