@@ -201,3 +201,53 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tools::agent::{TurnDetection, TurnDetectionKind};
+
+    fn agent(td: Option<TurnDetection>) -> Agent {
+        Agent {
+            name: "a".into(),
+            instructions: "Be an agent.".into(),
+            tools: Vec::new(),
+            backend: None,
+            turn_detection: td,
+            vision: None,
+            max_tool_rounds: 4,
+            greeting: None,
+            source: "agents/a.yaml".into(),
+        }
+    }
+
+    fn td(kind: TurnDetectionKind, silence: Option<u32>) -> TurnDetection {
+        TurnDetection {
+            kind,
+            threshold: None,
+            prefix_padding_ms: None,
+            silence_duration_ms: silence,
+            eagerness: None,
+            create_response: None,
+            interrupt_response: None,
+            idle_timeout_ms: None,
+        }
+    }
+
+    #[test]
+    fn an_agent_sets_instructions_and_turn_detection() {
+        let base = SessionSettings::from_config(&crate::config::Config::default());
+        let s = agent_settings(&base, &agent(Some(td(TurnDetectionKind::ServerVad, Some(900))))).unwrap();
+        assert_eq!(s.instructions, "Be an agent.");
+        assert_eq!(s.agent, "a");
+        let t = s.turn_detection.unwrap();
+        assert_eq!((t.kind.as_str(), t.silence_duration_ms, t.threshold), ("server_vad", 900, 0.5));
+        let s = agent_settings(&base, &agent(Some(td(TurnDetectionKind::SemanticVad, None)))).unwrap();
+        assert_eq!(s.turn_detection.unwrap().kind, "semantic_vad");
+        let s = agent_settings(&base, &agent(Some(td(TurnDetectionKind::None, None)))).unwrap();
+        assert!(s.turn_detection.is_none());
+        // No turn detection in the agent: the session's stays.
+        let s = agent_settings(&base, &agent(None)).unwrap();
+        assert_eq!(s.turn_detection, base.turn_detection);
+    }
+}
