@@ -256,10 +256,7 @@ pub fn latency(preset: &str, contexts: &[usize], speech_seconds: f32, device: &s
         let base_tokens = engine.prompt(&base, false).map_err(anyhow::Error::msg)?.tokens.len();
 
         let t = Instant::now();
-        engine.start_background(&base).map_err(anyhow::Error::msg)?;
-        while engine.background_pending() {
-            engine.background_step();
-        }
+        engine.prepare_now(&base).map_err(anyhow::Error::msg)?;
         let build = t.elapsed().as_secs_f64();
 
         let mut spoken = base.clone();
@@ -287,10 +284,7 @@ pub fn latency(preset: &str, contexts: &[usize], speech_seconds: f32, device: &s
         let keep = (turns * 4 / 5).max(1);
         let retained = GenerateRequest { messages: base.messages[(turns - keep) * 2..].to_vec(), ..base.clone() };
         let t = Instant::now();
-        engine.start_background(&retained).map_err(anyhow::Error::msg)?;
-        while engine.background_pending() {
-            engine.background_step();
-        }
+        engine.prepare_now(&retained).map_err(anyhow::Error::msg)?;
         let evict = t.elapsed().as_secs_f64();
         let mut next = retained.clone();
         next.messages.push(ChatMessage::User(vec![UserPart::Audio(Arc::new(speech.clone()))]));

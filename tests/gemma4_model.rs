@@ -1,7 +1,10 @@
 //! The embedded Gemma 4 on a random-weight checkpoint of the real layout, written
 //! by `hark model init` and read back through the real safetensors loader.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::engine_settings;
 use hark::model::gemma4::init::{write_random_checkpoint, Preset};
 use hark::model::gemma4::{loader, ForwardInput, ImageInput};
 
@@ -11,21 +14,6 @@ fn tiny_checkpoint() -> tempfile::TempDir {
     dir
 }
 
-/// Greedy, f32, CPU settings for the embedded engine on a checkpoint.
-fn engine_settings(dir: &std::path::Path, max_tokens: u32, cached_sessions: usize) -> hark::model::embedded::EmbeddedSettings {
-    hark::model::embedded::EmbeddedSettings {
-        checkpoint: dir.to_path_buf(),
-        device: "cpu".into(),
-        dtype: "f32".into(),
-        max_tokens,
-        temperature: 0.0,
-        top_k: None,
-        top_p: None,
-        seed: 0,
-        cached_sessions,
-        image_tokens: 70,
-    }
-}
 
 fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -177,6 +165,8 @@ fn the_embedded_engine_takes_an_image_and_audio_in_one_turn() {
     let cancel = tokio_util::sync::CancellationToken::new();
     let (_, usage) = engine.generate(&req, &cancel, &|_| true).unwrap();
     let patches = hark::model::gemma4::vision::decode_and_patch(&png, 70).unwrap().positions.len();
+    // Counting context reads only the header, and agrees with the patches.
+    assert_eq!(hark::model::gemma4::vision::token_count(&png, 70).unwrap(), patches);
     // 1 s of audio = 25 tokens, plus the image's patches, plus the template's text.
     assert!(usage.input_tokens as usize > 25 + patches, "{usage:?}");
     assert_eq!(engine.last_prefill, (0, usage.input_tokens as usize));

@@ -4,8 +4,10 @@
 
 use std::sync::Arc;
 
+mod common;
+
 use candle_core::{DType, Device};
-use hark::model::embedded::{EmbeddedSettings, Engine};
+use hark::model::embedded::Engine;
 use hark::model::gemma4::init::{write_random_checkpoint, Preset};
 use hark::model::{ChatMessage, GenerateRequest, UserPart};
 use tokio_util::sync::CancellationToken;
@@ -16,20 +18,9 @@ fn tiny_checkpoint() -> tempfile::TempDir {
     dir
 }
 
+/// A greedy engine that generates one token per request (its logits are what we compare).
 fn engine(dir: &std::path::Path, cached_sessions: usize) -> Engine {
-    let settings = EmbeddedSettings {
-        checkpoint: dir.to_path_buf(),
-        device: "cpu".into(),
-        dtype: "f32".into(),
-        max_tokens: 1,
-        temperature: 0.0,
-        top_k: None,
-        top_p: None,
-        seed: 0,
-        cached_sessions,
-        image_tokens: 70,
-    };
-    Engine::load(&settings, &Device::Cpu, DType::F32).unwrap()
+    Engine::load(&common::engine_settings(dir, 1, cached_sessions), &Device::Cpu, DType::F32).unwrap()
 }
 
 /// Runs one request to its first token; returns that token's logits.

@@ -127,7 +127,7 @@ pub fn turns(items: &[WindowItem]) -> Vec<Turn> {
 
 /// Token accounting and the eviction policy for one session.
 pub struct ContextWindow {
-    pub policy: RetentionPolicy,
+    policy: RetentionPolicy,
     counter: Arc<dyn TokenCounter>,
     /// Tokens of each turn, keyed by its item ids (a turn's items only ever grow at the end).
     turn_tokens: HashMap<String, usize>,
@@ -141,10 +141,6 @@ pub struct ContextWindow {
 impl ContextWindow {
     pub fn new(policy: RetentionPolicy, counter: Arc<dyn TokenCounter>) -> Self {
         Self { policy, counter, turn_tokens: HashMap::new(), preamble: None, generation_prompt: None, prepared: None }
-    }
-
-    pub fn is_exact(&self) -> bool {
-        self.counter.is_exact()
     }
 
     /// Tokens of the fixed part of every prompt: `<bos>`, instructions and tool declarations.

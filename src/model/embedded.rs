@@ -123,11 +123,9 @@ impl Backend for EmbeddedBackend {
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (signals, end_of_turn) = mpsc::unbounded_channel();
         self.jobs.send(Job::OpenTurn { stream, base, signals }).ok()?;
-        let jobs = std::sync::Mutex::new(self.jobs.clone());
+        let jobs = self.jobs.clone();
         let send = move |command| {
-            if let Ok(jobs) = jobs.lock() {
-                let _ = jobs.send(Job::Turn { stream, command });
-            }
+            let _ = jobs.send(Job::Turn { stream, command });
         };
         Some(TurnStream::new(Box::new(send), end_of_turn))
     }
@@ -150,16 +148,13 @@ pub struct EmbeddedTokenCounter {
 impl TokenCounter for EmbeddedTokenCounter {
     fn count(&self, instructions: &str, tools: &[ToolSpec], messages: &[ChatMessage], add_generation_prompt: bool) -> usize {
         let request = GenerateRequest { instructions: instructions.into(), messages: messages.to_vec(), tools: tools.to_vec(), ..Default::default() };
-        match render_prompt(&request, self.image_tokens, add_generation_prompt) {
+        match render_with(&request, self.image_tokens, add_generation_prompt, ImageMode::CountOnly) {
             Ok(r) => self.tokenizer.encode(&r.text).map(|t| t.len()).unwrap_or(0),
             // Unrenderable (a broken image): the estimate is the best there is.
             Err(_) => EstimatedTokens { image_tokens: self.image_tokens }.count(instructions, tools, messages, add_generation_prompt),
         }
     }
 
-    fn is_exact(&self) -> bool {
-        true
-    }
 }
 
 /// Identity of one prompt position for prefix matching: the token id, or for a media
@@ -748,6 +743,15 @@ impl Engine {
         }
     }
 
+    /// Builds `request`'s context now, in the background's chunks (benchmarks, tests).
+    pub fn prepare_now(&mut self, request: &GenerateRequest) -> Result<(), String> {
+        self.start_background(request)?;
+        while self.background.is_some() {
+            self.background_step();
+        }
+        Ok(())
+    }
+
     /// Whether a background preparation is under way.
     pub fn background_pending(&self) -> bool {
         self.background.is_some()
@@ -897,6 +901,18 @@ pub fn render(req: &GenerateRequest, image_tokens: usize) -> Result<Rendered, St
 
 /// [`render`], with or without the generation prompt that hands the model the turn.
 pub fn render_prompt(req: &GenerateRequest, image_tokens: usize, add_generation_prompt: bool) -> Result<Rendered, String> {
+    render_with(req, image_tokens, add_generation_prompt, ImageMode::Patches)
+}
+
+/// Whether images are cut into patches (for the model) or only sized (for counting,
+/// which runs on a session's async task and must not decode pixels).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ImageMode {
+    Patches,
+    CountOnly,
+}
+
+fn render_with(req: &GenerateRequest, image_tokens: usize, add_generation_prompt: bool, mode: ImageMode) -> Result<Rendered, String> {
     let mut audio = Vec::new();
     let mut images = Vec::new();
     let mut turns = Vec::new();
@@ -918,6 +934,11 @@ pub fn render_prompt(req: &GenerateRequest, image_tokens: usize, add_generation_
                         }
                         UserPart::Image(url) => {
                             let bytes = vision::decode_data_url(url).map_err(|e| format!("image: {e}"))?;
+                            if mode == ImageMode::CountOnly {
+                                let tokens = vision::token_count(&bytes, image_tokens).map_err(|e| format!("image: {e}"))?;
+                                out.push(Part::Image { tokens });
+                                continue;
+                            }
                             let patches = vision::decode_and_patch(&bytes, image_tokens).map_err(|e| format!("image: {e}"))?;
                             out.push(Part::Image { tokens: patches.positions.len() });
                             images.push(Arc::new(patches));

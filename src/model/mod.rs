@@ -155,8 +155,6 @@ pub trait TokenCounter: Send + Sync {
     /// Tokens of the whole prompt for `instructions`, `tools` and `messages`, ending
     /// with the generation prompt when `add_generation_prompt`.
     fn count(&self, instructions: &str, tools: &[ToolSpec], messages: &[ChatMessage], add_generation_prompt: bool) -> usize;
-    /// Whether counts are exact (the embedded model's own template and tokenizer) or estimates.
-    fn is_exact(&self) -> bool;
 }
 
 /// Estimates for remote servers, whose tokenizer hark does not have: about four
@@ -195,10 +193,6 @@ impl TokenCounter for EstimatedTokens {
             };
         }
         n + if add_generation_prompt { 4 } else { 0 }
-    }
-
-    fn is_exact(&self) -> bool {
-        false
     }
 }
 

@@ -184,6 +184,22 @@ fn async_stream(
     })
 }
 
+/// Greedy, f32, CPU settings for the embedded engine on a checkpoint.
+pub fn engine_settings(dir: &std::path::Path, max_tokens: u32, cached_sessions: usize) -> hark::model::embedded::EmbeddedSettings {
+    hark::model::embedded::EmbeddedSettings {
+        checkpoint: dir.to_path_buf(),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        max_tokens,
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+        cached_sessions,
+        image_tokens: 70,
+    }
+}
+
 // ───────────────────────────── hark in-process ─────────────────────────────
 
 pub struct Hark {

@@ -180,6 +180,20 @@ pub fn decode_and_patch(bytes: &[u8], budget: usize) -> Result<Patches, ImageErr
     patches_from_rgb(&rgb, w, h, budget, true)
 }
 
+/// The tokens an image takes at `budget`, read from its header alone (no pixels are
+/// decoded): what [`decode_and_patch`] would produce, for counting context.
+pub fn token_count(bytes: &[u8], budget: usize) -> Result<usize, ImageError> {
+    check_budget(budget)?;
+    let (w, h) = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError(format!("cannot read image data: {e}")))?
+        .into_dimensions()
+        .map_err(|e| ImageError(format!("cannot read image size: {e}")))?;
+    // EXIF rotation swaps the sides; the patch count is the same either way.
+    let (tw, th) = target_size(w as usize, h as usize, budget);
+    Ok((tw / PATCH) * (th / PATCH))
+}
+
 /// PNG/JPEG bytes → `(rgb8, width, height)` as `load_image` sees them: EXIF orientation
 /// applied, alpha channel dropped (not composited), grey replicated, palette expanded,
 /// 16-bit samples scaled to 8 bits. Rejects images over [`MAX_PIXELS`] before decoding.
