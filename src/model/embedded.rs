@@ -6,6 +6,7 @@
 //! tool-call events, stops on `<eos>`, `<turn|>` or `<|tool_response>`, and checks
 //! for cancellation between tokens.
 
+use std::cell::RefCell;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -219,6 +220,9 @@ pub struct Engine {
     pub last_prefill: (usize, usize),
     /// The logits that chose the last request's first generated token (for tests).
     pub last_logits: Option<Vec<f32>>,
+    /// Frame keys of recent audio clips, by the clip's address (checked through the
+    /// weak reference), so a long conversation's audio is hashed once, not per turn.
+    clip_keys: RefCell<HashMap<usize, (std::sync::Weak<Vec<f32>>, Vec<PositionKey>)>>,
     /// Recent replies as the model produced them: (text, token ids). Re-encoding a
     /// reply's text can give other ids than the ones generated (BPE is not unique),
     /// which would break the cached prefix at every past reply; splicing the original
@@ -251,6 +255,7 @@ impl Engine {
             stop_ids,
             last_prefill: (0, 0),
             last_logits: None,
+            clip_keys: RefCell::new(HashMap::new()),
             replies: Vec::new(),
         })
     }
@@ -769,15 +774,22 @@ impl Engine {
             return Err("audio placeholders do not match the audio clips".into());
         }
         let mut audio = Vec::with_capacity(audio_runs.len());
+        let mut known = self.clip_keys.borrow_mut();
+        known.retain(|_, (clip, _)| clip.strong_count() > 0);
         for (&(start, len), samples) in audio_runs.iter().zip(&prompt.audio) {
             if audio_tokens(samples.len()) != len {
                 return Err("audio placeholder count does not match the clip length".into());
             }
-            for (i, frame) in samples.chunks(AUDIO_FRAME).enumerate() {
-                keys[start + i] = frame_key(frame);
+            // A clip keeps its `Arc` from turn to turn: hash its frames once.
+            let id = Arc::as_ptr(samples) as usize;
+            let fresh = !matches!(known.get(&id), Some((clip, _)) if clip.upgrade().is_some_and(|c| Arc::ptr_eq(&c, samples)));
+            if fresh {
+                known.insert(id, (Arc::downgrade(samples), samples.chunks(AUDIO_FRAME).map(frame_key).collect()));
             }
-            audio.push((start, audio_frames(samples, device).map_err(|e| e.to_string())?));
+            keys[start..start + len].copy_from_slice(&known[&id].1);
+            audio.push((start, samples.clone()));
         }
+        drop(known);
         let image_runs = placeholder_runs(tokens, c.image_token_id);
         if image_runs.len() != prompt.images.len() {
             return Err("image placeholders do not match the images".into());
@@ -797,10 +809,9 @@ impl Engine {
                 // Bit 62 marks image keys, so `take_context` can tell them from audio.
                 keys[start + i] = ((image_hash ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) & !(3 << 62)) | MEDIA_KEY | (1 << 62);
             }
-            let patches = Tensor::from_vec(p.data.clone(), (len, vision::PATCH_DIM), device).map_err(|e| e.to_string())?;
-            images.push((start, super::gemma4::ImageInput { patches, positions: p.positions.clone() }));
+            images.push((start, p.clone()));
         }
-        Ok((Media { audio, images }, keys))
+        Ok((Media { audio, images, device: device.clone() }, keys))
     }
 }
 
@@ -823,31 +834,41 @@ fn placeholder_runs(tokens: &[u32], id: u32) -> Vec<(usize, usize)> {
 }
 
 /// The request's media, placed: first placeholder position and model-ready tensors.
+///
+/// Tensors are made only for the span being prefilled: in a long session almost every
+/// clip and image is already in the cache, and copying them all per request would cost
+/// the model thread more than the new turn.
 struct Media {
-    /// `[tokens, 640]` frames per clip.
-    audio: Vec<(usize, Tensor)>,
-    images: Vec<(usize, super::gemma4::ImageInput)>,
+    /// Samples per clip.
+    audio: Vec<(usize, Arc<Vec<f32>>)>,
+    images: Vec<(usize, Arc<vision::Patches>)>,
+    device: Device,
 }
 
 impl Media {
     /// Audio frames and images for the placeholders inside `[start, end)`.
     fn slice(&self, start: usize, end: usize) -> candle_core::Result<(Option<Tensor>, Vec<super::gemma4::ImageInput>)> {
-        let mut parts = Vec::new();
-        for (pos, frames) in &self.audio {
-            let (a, b) = (*pos, pos + frames.dim(0)?);
+        let mut samples = Vec::new();
+        for (pos, clip) in &self.audio {
+            let (a, b) = (*pos, pos + audio_tokens(clip.len()));
             let (lo, hi) = (a.max(start), b.min(end));
             if lo < hi {
-                parts.push(frames.narrow(0, lo - a, hi - lo)?);
+                let from = (lo - a) * AUDIO_FRAME;
+                let to = ((hi - a) * AUDIO_FRAME).min(clip.len());
+                samples.extend_from_slice(&clip[from..to]);
+                // The clip's last frame is zero-padded, as `audio_frames` does.
+                samples.resize(samples.len().div_ceil(AUDIO_FRAME) * AUDIO_FRAME, 0.0);
             }
         }
-        let audio = if parts.is_empty() { None } else { Some(Tensor::cat(&parts, 0)?) };
+        let audio = if samples.is_empty() { None } else { Some(audio_frames(&samples, &self.device)?) };
         // Prefill chunks never split an image (see `chunk_end` and `take_context`).
-        let images = self
-            .images
-            .iter()
-            .filter(|(pos, img)| *pos >= start && pos + img.positions.len() <= end)
-            .map(|(_, img)| img.clone())
-            .collect();
+        let mut images = Vec::new();
+        for (pos, p) in &self.images {
+            if *pos >= start && pos + p.positions.len() <= end {
+                let patches = Tensor::from_slice(&p.data, (p.positions.len(), vision::PATCH_DIM), &self.device)?;
+                images.push(super::gemma4::ImageInput { patches, positions: p.positions.clone() });
+            }
+        }
         Ok((audio, images))
     }
 }
