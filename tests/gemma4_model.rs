@@ -158,7 +158,7 @@ fn the_embedded_engine_takes_an_image_and_audio_in_one_turn() {
     let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&png));
     let audio = std::sync::Arc::new(vec![0.01f32; 16_000]);
     let req = GenerateRequest {
-        messages: vec![ChatMessage::User(vec![UserPart::Text("what is this?".into()), UserPart::Image(url), UserPart::Audio(audio)])],
+        messages: vec![ChatMessage::User(vec![UserPart::Text("what is this?".into()), UserPart::Image(std::sync::Arc::new(url)), UserPart::Audio(audio)])],
         ..Default::default()
     };
     let mut engine = Engine::load(&settings, &Device::Cpu, DType::F32).unwrap();
@@ -172,7 +172,7 @@ fn the_embedded_engine_takes_an_image_and_audio_in_one_turn() {
     assert_eq!(engine.last_prefill, (0, usage.input_tokens as usize));
 
     // A broken image is an error for this request, not a crash.
-    let bad = GenerateRequest { messages: vec![ChatMessage::User(vec![UserPart::Image("data:image/png;base64,AAAA".into())])], ..Default::default() };
+    let bad = GenerateRequest { messages: vec![ChatMessage::User(vec![UserPart::Image(std::sync::Arc::new("data:image/png;base64,AAAA".into()))])], ..Default::default() };
     assert!(engine.generate(&bad, &cancel, &|_| true).is_err());
 }
 

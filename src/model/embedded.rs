@@ -220,6 +220,9 @@ pub struct Engine {
     pub last_prefill: (usize, usize),
     /// The logits that chose the last request's first generated token (for tests).
     pub last_logits: Option<Vec<f32>>,
+    /// Decoded images by their URL's `Arc` (checked through the weak reference): an
+    /// image is decoded, resized and hashed once, not at every turn that follows it.
+    image_cache: RefCell<HashMap<usize, (std::sync::Weak<String>, Arc<vision::Patches>, u64)>>,
     /// Frame keys of recent audio clips, by the clip's address (checked through the
     /// weak reference), so a long conversation's audio is hashed once, not per turn.
     clip_keys: RefCell<HashMap<usize, (std::sync::Weak<Vec<f32>>, Vec<PositionKey>)>>,
@@ -256,6 +259,7 @@ impl Engine {
             last_prefill: (0, 0),
             last_logits: None,
             clip_keys: RefCell::new(HashMap::new()),
+            image_cache: RefCell::new(HashMap::new()),
             replies: Vec::new(),
         })
     }
@@ -347,7 +351,9 @@ impl Engine {
 
     /// Renders, tokenizes and places the media of a request.
     pub fn prompt(&self, request: &GenerateRequest, add_generation_prompt: bool) -> Result<Prompt, String> {
-        let rendered = render_prompt(request, self.settings.image_tokens, add_generation_prompt)?;
+        self.image_cache.borrow_mut().retain(|_, (url, _, _)| url.strong_count() > 0);
+        let patches_for = |url: &Arc<String>| self.patches_for(url);
+        let rendered = render_with(request, self.settings.image_tokens, add_generation_prompt, ImageMode::Patches(&patches_for))?;
         let tokens = self.encode_prompt(&rendered.text)?;
         let vocab = self.model.config.text.vocab_size as u32;
         if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
@@ -762,6 +768,23 @@ impl Engine {
         self.background.is_some()
     }
 
+    /// An image's patches and their hash, from the cache or decoded now.
+    fn patches_for(&self, url: &Arc<String>) -> Result<(Arc<vision::Patches>, u64), String> {
+        let id = Arc::as_ptr(url) as usize;
+        if let Some((weak, patches, hash)) = self.image_cache.borrow().get(&id) {
+            if weak.upgrade().is_some_and(|u| Arc::ptr_eq(&u, url)) {
+                return Ok((patches.clone(), *hash));
+            }
+        }
+        let bytes = vision::decode_data_url(url).map_err(|e| format!("image: {e}"))?;
+        let patches = Arc::new(vision::decode_and_patch(&bytes, self.settings.image_tokens).map_err(|e| format!("image: {e}"))?);
+        let mut h = DefaultHasher::new();
+        patches.data.iter().for_each(|v| v.to_bits().hash(&mut h));
+        let hash = h.finish();
+        self.image_cache.borrow_mut().insert(id, (Arc::downgrade(url), patches.clone(), hash));
+        Ok((patches, hash))
+    }
+
     /// Pairs each run of audio / image placeholders (in token order) with the
     /// prompt's clips and images (in message order), checking their sizes agree, and
     /// computes every position's key.
@@ -798,13 +821,10 @@ impl Engine {
             return Err("this checkpoint has no vision embedder; it cannot take images".into());
         }
         let mut images = Vec::with_capacity(image_runs.len());
-        for (&(start, len), p) in image_runs.iter().zip(&prompt.images) {
+        for (&(start, len), (p, image_hash)) in image_runs.iter().zip(&prompt.images) {
             if p.positions.len() != len {
                 return Err("image placeholder count does not match the image's patches".into());
             }
-            let mut h = DefaultHasher::new();
-            p.data.iter().for_each(|v| v.to_bits().hash(&mut h));
-            let image_hash = h.finish();
             for i in 0..len {
                 // Bit 62 marks image keys, so `take_context` can tell them from audio.
                 keys[start + i] = ((image_hash ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) & !(3 << 62)) | MEDIA_KEY | (1 << 62);
@@ -908,28 +928,19 @@ fn load_tokenizer(dir: &Path) -> Result<Gemma4Tokenizer, EmbeddedError> {
     Gemma4Tokenizer::from_file(&path).map_err(|e| EmbeddedError::Load(e.to_string()))
 }
 
-/// A request rendered as Gemma 4 prompt text, with the audio its placeholders stand for.
-pub struct Rendered {
-    pub text: String,
-    pub audio: Vec<Arc<Vec<f32>>>,
-    pub images: Vec<Arc<vision::Patches>>,
+/// A request rendered as Gemma 4 prompt text, with the media its placeholders stand for.
+struct Rendered {
+    text: String,
+    audio: Vec<Arc<Vec<f32>>>,
+    /// Each image's patches and a hash of them (the image's cache key).
+    images: Vec<(Arc<vision::Patches>, u64)>,
 }
 
-/// The request as a Gemma 4 prompt (thinking off, ready for the model to speak).
-pub fn render(req: &GenerateRequest, image_tokens: usize) -> Result<Rendered, String> {
-    render_prompt(req, image_tokens, true)
-}
-
-/// [`render`], with or without the generation prompt that hands the model the turn.
-pub fn render_prompt(req: &GenerateRequest, image_tokens: usize, add_generation_prompt: bool) -> Result<Rendered, String> {
-    render_with(req, image_tokens, add_generation_prompt, ImageMode::Patches)
-}
-
-/// Whether images are cut into patches (for the model) or only sized (for counting,
-/// which runs on a session's async task and must not decode pixels).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum ImageMode {
-    Patches,
+/// How images are rendered: cut into patches for the model (through the engine's
+/// cache), or only sized from their header for counting tokens — which runs on a
+/// session's async task and must not decode pixels.
+enum ImageMode<'a> {
+    Patches(&'a dyn Fn(&Arc<String>) -> Result<(Arc<vision::Patches>, u64), String>),
     CountOnly,
 }
 
@@ -953,17 +964,18 @@ fn render_with(req: &GenerateRequest, image_tokens: usize, add_generation_prompt
                                 audio.push(samples.clone());
                             }
                         }
-                        UserPart::Image(url) => {
-                            let bytes = vision::decode_data_url(url).map_err(|e| format!("image: {e}"))?;
-                            if mode == ImageMode::CountOnly {
+                        UserPart::Image(url) => match &mode {
+                            ImageMode::CountOnly => {
+                                let bytes = vision::decode_data_url(url).map_err(|e| format!("image: {e}"))?;
                                 let tokens = vision::token_count(&bytes, image_tokens).map_err(|e| format!("image: {e}"))?;
                                 out.push(Part::Image { tokens });
-                                continue;
                             }
-                            let patches = vision::decode_and_patch(&bytes, image_tokens).map_err(|e| format!("image: {e}"))?;
-                            out.push(Part::Image { tokens: patches.positions.len() });
-                            images.push(Arc::new(patches));
-                        }
+                            ImageMode::Patches(patches_for) => {
+                                let (patches, hash) = patches_for(url)?;
+                                out.push(Part::Image { tokens: patches.positions.len() });
+                                images.push((patches, hash));
+                            }
+                        },
                     }
                 }
                 turns.push(Turn::User(out));

@@ -40,8 +40,8 @@ pub enum UserPart {
     Text(String),
     /// Mono 16 kHz samples in [-1, 1].
     Audio(Arc<Vec<f32>>),
-    /// A `data:image/…;base64,…` URL.
-    Image(String),
+    /// A `data:image/…;base64,…` URL, shared with the conversation (it can be megabytes).
+    Image(Arc<String>),
 }
 
 #[derive(Debug, Clone, PartialEq)]

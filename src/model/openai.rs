@@ -115,7 +115,7 @@ impl OpenAiBackend {
     fn part_json(&self, p: &UserPart) -> Value {
         match p {
             UserPart::Text(t) => json!({"type": "text", "text": t}),
-            UserPart::Image(url) => json!({"type": "image_url", "image_url": {"url": url}}),
+            UserPart::Image(url) => json!({"type": "image_url", "image_url": {"url": url.as_str()}}),
             UserPart::Audio(samples) => {
                 let b64 = base64::engine::general_purpose::STANDARD.encode(encode_wav(samples, MODEL_SAMPLE_RATE));
                 match self.settings.audio_part {

@@ -153,7 +153,7 @@ fn chat_messages<'a>(items: impl Iterator<Item = &'a ConversationItem>) -> Vec<C
                         for (part, payload) in parts.iter().zip(&ci.payloads) {
                             match payload {
                                 Payload::Audio(a) => user.push(UserPart::Audio(a.clone())),
-                                Payload::Image(url) => user.push(UserPart::Image(url.as_ref().clone())),
+                                Payload::Image(url) => user.push(UserPart::Image(url.clone())),
                                 Payload::None => {
                                     if let Some(t) = &part.text {
                                         user.push(UserPart::Text(t.clone()));
