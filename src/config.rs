@@ -430,13 +430,19 @@ impl Config {
 }
 
 fn yaml_error(origin: &str, e: &serde_yaml_ng::Error) -> ConfigError {
-    let line = e.location().map(|l| l.line()).unwrap_or(0);
     // serde_yaml_ng prefixes the dotted field path ("server.port: invalid type …"), keep it.
+    let (line, message) = yaml_line_and_message(e);
+    ConfigError::Parse { path: origin.to_string(), line, message }
+}
+
+/// A serde_yaml_ng error's line and its message without the trailing " at line …".
+pub(crate) fn yaml_line_and_message(e: &serde_yaml_ng::Error) -> (usize, String) {
+    let line = e.location().map(|l| l.line()).unwrap_or(0);
     let mut message = e.to_string();
     if let Some(idx) = message.find(" at line ") {
         message.truncate(idx);
     }
-    ConfigError::Parse { path: origin.to_string(), line, message }
+    (line, message)
 }
 
 /// Top-level config keys; only `HARK_<KEY>…` variables naming one of them are

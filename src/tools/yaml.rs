@@ -77,11 +77,7 @@ pub(crate) fn read_source(path: &Path) -> Result<SourceFile, SpecError> {
 /// A serde_yaml_ng error as `file:line: field: problem`, the way `config.rs` reports them.
 /// `field` is serde_path_to_error's path (`.` when the problem is at the top).
 fn yaml_error(origin: &str, field: &str, e: &serde_yaml_ng::Error) -> SpecError {
-    let line = e.location().map(|l| l.line()).unwrap_or(0);
-    let mut message = e.to_string();
-    if let Some(idx) = message.find(" at line ") {
-        message.truncate(idx);
-    }
+    let (line, mut message) = crate::config::yaml_line_and_message(e);
     // serde_yaml_ng prefixes nested problems with its own dotted path: drop it and use
     // serde_path_to_error's, extended by the key at fault for unknown/missing fields.
     if let Some((head, rest)) = message.split_once(": ") {
