@@ -209,10 +209,10 @@ async fn a_client_leaving_mid_call_still_leaves_one_answer() {
     let mut d = Driven::start(s.state.deps.clone());
     ask(&mut d, "take your time").await;
     d.until_type("response.done").await;
-    let started = std::time::Instant::now();
     let conv = d.finish().await;
-    assert!(started.elapsed() < Duration::from_secs(5), "the session waited for the tool");
     let answers = one_answer_per_call(&conv);
+    // The session did not wait for the 30 s tool: its answer is the session's, not a result.
+    assert!(!answers["call_slow"].contains("\"result\""), "the session waited for the tool: {answers:?}");
     assert!(answers["call_slow"].contains("session ended"), "{answers:?}");
 }
 

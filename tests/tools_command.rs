@@ -221,7 +221,9 @@ timeout_ms: 700
     let took = start.elapsed();
     assert_eq!(out.kind, OutcomeKind::Timeout, "{out:?}");
     assert_eq!(out.output, "timed out after 700 ms");
-    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(5), "{took:?}");
+    // At least the timeout, and nowhere near the 60 s the command would take (a wide
+    // bound: this guards against waiting for the child, it does not measure speed).
+    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(30), "{took:?}");
     let text = std::fs::read_to_string(&pids).unwrap();
     let ids: Vec<u32> = text.split_whitespace().map(|s| s.parse().unwrap()).collect();
     // The direct child was killed and reaped before call() returned.
@@ -260,7 +262,7 @@ handler:
     let start = Instant::now();
     cancel.cancel();
     let out = call.await.unwrap();
-    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(start.elapsed() < Duration::from_secs(30), "waited for the 60 s child");
     assert_eq!(out.kind, OutcomeKind::Cancelled, "{out:?}");
     assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the child is still there");
     let json: serde_json::Value = serde_json::from_str(&out.to_json_output()).unwrap();

@@ -131,7 +131,8 @@ async fn servers_that_fail_to_start_are_clear_errors() {
     let set = ToolSet::load_dir(dir.path(), dir.path()).unwrap();
     let start = std::time::Instant::now();
     let errors: Vec<String> = set.start().await.unwrap_err().iter().map(SpecError::to_string).collect();
-    assert!(start.elapsed() < std::time::Duration::from_secs(5), "servers start in parallel, each bounded");
+    // The mute server would sleep 60 s: its startup timeout bounds the wait.
+    assert!(start.elapsed() < std::time::Duration::from_secs(30), "a server's startup was not bounded");
     assert_eq!(errors.len(), 3, "{errors:#?}");
     let find = |file: &str| errors.iter().find(|e| e.contains(file)).unwrap_or_else(|| panic!("{file}: {errors:#?}")).clone();
     let crash = find("crash.mcp.yaml");
