@@ -44,6 +44,10 @@ pub struct ServerConfig {
     /// Keys clients must present (`Authorization: Bearer KEY` or the
     /// `openai-insecure-api-key.KEY` subprotocol). Empty: no authentication.
     pub api_keys: Vec<String>,
+    /// Web page origins (`scheme://host[:port]`) allowed to use hark besides its own
+    /// page and pages served over loopback; `"*"` allows any. Requests without an
+    /// `Origin` header (programs, not browsers) are not affected.
+    pub allowed_origins: Vec<String>,
     pub max_sessions: usize,
     /// Largest WebSocket message accepted from a client, in bytes.
     pub max_message_bytes: usize,
@@ -277,6 +281,7 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8765,
             api_keys: Vec::new(),
+            allowed_origins: Vec::new(),
             max_sessions: 64,
             max_message_bytes: crate::server::protocol::MAX_CLIENT_MESSAGE_BYTES,
             shutdown_grace_ms: 2000,
@@ -386,6 +391,11 @@ impl Config {
         let bad = |message: String| Err(ConfigError::Invalid { path: origin.to_string(), message });
         if self.server.host.parse::<std::net::IpAddr>().is_err() && self.server.host != "localhost" {
             return bad(format!("server.host: '{}' is not an IP address", self.server.host));
+        }
+        for o in &self.server.allowed_origins {
+            if o != "*" && normalize_origin(o).is_none() {
+                return bad(format!("server.allowed_origins: '{o}' is not an origin like https://app.example.com or http://localhost:3000"));
+            }
         }
         if self.server.max_sessions == 0 {
             return bad("server.max_sessions: must be at least 1".into());
@@ -594,4 +604,19 @@ pub fn check(path: &Path) -> CheckReport {
         Err(problems) => report.problems.extend(problems),
     }
     report
+}
+
+/// An origin as `scheme://host[:port]` in lower case without a trailing slash, or `None`
+/// when the text is not one (a path, a query, `null`, another scheme).
+pub fn normalize_origin(text: &str) -> Option<String> {
+    let text = text.trim().trim_end_matches('/').to_ascii_lowercase();
+    let (scheme, authority) = text.split_once("://")?;
+    if !matches!(scheme, "http" | "https") || authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
+        return None;
+    }
+    let port_ok = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => !host.is_empty() && port.parse::<u16>().is_ok(),
+        _ => true,
+    };
+    port_ok.then_some(text)
 }

@@ -171,6 +171,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let listener = hark::server::bind(&state.config).await?;
                 let addr = listener.local_addr()?;
                 tracing::info!("hark listening on http://{addr} (realtime: ws://{addr}/v1/realtime, backend: {})", state.deps.backend.name());
+                if !addr.ip().is_loopback() && state.config.server.api_keys.is_empty() {
+                    tracing::warn!(
+                        "hark listens on {addr}, reachable from other machines, and server.api_keys is empty: \
+                         anyone who can reach this port can use the model and the agent's tools. Set server.api_keys."
+                    );
+                }
                 hark::server::cancel_on_signals(state.shutdown.clone());
                 hark::server::serve(listener, state).await
             })?;

@@ -3,6 +3,7 @@
 //! `serve` runs until the shutdown token fires, then gives open sessions
 //! `shutdown_grace_ms` to send their final event and close.
 
+pub mod access;
 pub mod protocol;
 pub mod realtime;
 
@@ -37,6 +38,7 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub sessions: TaskTracker,
     pub session_slots: Arc<Semaphore>,
+    pub origins: Arc<access::OriginPolicy>,
 }
 
 impl AppState {
@@ -88,6 +90,7 @@ impl AppState {
         };
         Ok(Self {
             session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),
+            origins: Arc::new(access::OriginPolicy::new(&config.server.allowed_origins)),
             config: Arc::new(config),
             deps: Arc::new(deps),
             shutdown: CancellationToken::new(),
@@ -141,6 +144,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/v1/models", get(models))
         .route("/v1/realtime", get(realtime::upgrade))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access::check_origin))
         .with_state(state)
 }
 
