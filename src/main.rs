@@ -183,7 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {
-            let report = hark::config::check(&config);
+            let report = hark::check::check(&config);
             for line in &report.problems {
                 println!("{line}");
             }
@@ -197,7 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tools { what: ToolsCommand::List { config } } => {
             let config = Config::load(&config)?;
             init_logging("warn");
-            let (set, _) = hark::config::load_tool_specs(&config).map_err(|p| anyhow::anyhow!("{}", p.join("\n")))?;
+            let (set, _) = hark::check::load_tool_specs(&config).map_err(|p| anyhow::anyhow!("{}", p.join("\n")))?;
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(async move {
                 let registry = set.start().await.map_err(|p| {

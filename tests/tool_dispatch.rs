@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::*;
 use hark::model::{Backend, BackendEvent, FinishReason, GenerateRequest};
-use hark::server::protocol::{parse_client_event, to_wire, Dialect, ItemKind, ServerEvent};
+use hark::protocol::{parse_client_event, to_wire, Dialect, ItemKind, ServerEvent};
 use hark::session::{Conversation, Session, SessionDeps, SessionInput};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;

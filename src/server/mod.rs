@@ -4,7 +4,6 @@
 //! `shutdown_grace_ms` to send their final event and close.
 
 pub mod access;
-pub mod protocol;
 pub mod realtime;
 
 use std::net::SocketAddr;
@@ -46,7 +45,7 @@ impl AppState {
     /// servers are started). Fails with a message that says what is missing and how to
     /// get it; bad tool or agent YAML fails with every problem as `file:line: field: …`.
     pub async fn from_config(config: Config) -> anyhow::Result<Self> {
-        let (tool_set, _) = crate::config::load_tool_specs(&config).map_err(|p| anyhow::anyhow!("{}", p.join("\n")))?;
+        let (tool_set, _) = crate::check::load_tool_specs(&config).map_err(|p| anyhow::anyhow!("{}", p.join("\n")))?;
         let tools = tool_set.start().await.map_err(|p| {
             anyhow::anyhow!("{}", p.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
         })?;

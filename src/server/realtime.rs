@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::protocol::{parse_client_event, to_wire, Dialect, ProtocolError, ServerEvent};
+use crate::protocol::{parse_client_event, to_wire, Dialect, ProtocolError, ServerEvent};
 use super::AppState;
 use crate::session::{Session, SessionInput};
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::context::{WindowItem, WindowItemKind};
 use crate::model::{ChatMessage, ToolCall, UserPart};
-use crate::server::protocol::{Item, ItemKind, Role};
+use crate::protocol::{Item, ItemKind, Role};
 
 /// Media behind one content part; the wire [`Item`] never carries it.
 #[derive(Debug, Clone, PartialEq)]
@@ -198,22 +198,11 @@ fn chat_messages<'a>(items: impl Iterator<Item = &'a ConversationItem>) -> Vec<C
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::protocol::{ContentPart, ItemStatus};
+    use crate::protocol::{ContentPart, ItemStatus};
 
     fn msg(id: &str, role: Role, text: &str) -> ConversationItem {
         ConversationItem {
-            item: Item {
-                id: id.into(),
-                object: "realtime.item",
-                kind: ItemKind::Message,
-                status: ItemStatus::Completed,
-                role: Some(role),
-                content: Some(vec![ContentPart::input_text(text)]),
-                call_id: None,
-                name: None,
-                arguments: None,
-                output: None,
-            },
+            item: Item::message(id, ItemStatus::Completed, role, vec![ContentPart::input_text(text)]),
             payloads: vec![Payload::None],
             pinned: false,
         }

@@ -20,7 +20,7 @@ use super::conversation::ConversationItem;
 use super::settings::SessionSettings;
 use super::Session;
 use crate::model::ToolSpec;
-use crate::server::protocol::{new_id, Item, ItemKind, ItemStatus, ProtocolError, ResponseParams, ServerEvent, SessionUpdate};
+use crate::protocol::{new_id, ContentPart, Item, ItemStatus, ProtocolError, ResponseParams, Role, ServerEvent, SessionUpdate};
 use crate::tools::Agent;
 
 /// Follow-up responses per user turn when no agent says otherwise.
@@ -55,18 +55,7 @@ impl Session {
     /// The agent's greeting, said once at the start of the session.
     pub(super) fn greet(&mut self) {
         let Some(text) = self.agent.as_ref().and_then(|a| a.greeting.clone()) else { return };
-        let item = Item {
-            id: new_id("item"),
-            object: "realtime.item",
-            kind: ItemKind::Message,
-            status: ItemStatus::Completed,
-            role: Some(crate::server::protocol::Role::Assistant),
-            content: Some(vec![crate::server::protocol::ContentPart::output_text(text)]),
-            call_id: None,
-            name: None,
-            arguments: None,
-            output: None,
-        };
+        let item = Item::message(new_id("item"), ItemStatus::Completed, Role::Assistant, vec![ContentPart::output_text(text)]);
         if let Ok(previous_item_id) = self.conversation.insert(None, ConversationItem::new(item.clone(), vec![super::conversation::Payload::None])) {
             self.events.push(ServerEvent::ConversationItemAdded { previous_item_id: previous_item_id.clone(), item: item.clone() });
             self.events.push(ServerEvent::ConversationItemDone { previous_item_id, item });
@@ -136,18 +125,7 @@ impl Session {
         if !self.calls.claim(call_id) {
             return false;
         }
-        let item = Item {
-            id: new_id("item"),
-            object: "realtime.item",
-            kind: ItemKind::FunctionCallOutput,
-            status: ItemStatus::Completed,
-            role: None,
-            content: None,
-            call_id: Some(call_id.to_string()),
-            name: None,
-            arguments: None,
-            output: Some(output),
-        };
+        let item = Item::function_call_output(new_id("item"), call_id.to_string(), output);
         match self.conversation.insert(None, ConversationItem::new(item.clone(), Vec::new())) {
             Ok(previous_item_id) => {
                 self.events.push(ServerEvent::ConversationItemAdded { previous_item_id: previous_item_id.clone(), item: item.clone() });

@@ -24,7 +24,7 @@ use crate::media::frame::{ms_to_samples, samples_to_ms, MODEL_SAMPLE_RATE};
 use crate::media::vad::{EnergyVad, SileroModel, VadError, VoiceDetector};
 use crate::media::AudioPipeline;
 use crate::model::{Backend, BackendEvent, ChatMessage, GenerateRequest, ToolSpec, TurnStream};
-use crate::server::protocol::{
+use crate::protocol::{
     new_id, ClientEnvelope, ClientEvent, ContentInput, ContentPart, Item, ItemInput, ItemKind, ItemStatus, MaxTokens,
     ProtocolError, ResponseParams, Role, ServerEvent, MAX_APPEND_BYTES,
 };
@@ -361,7 +361,7 @@ impl Session {
         }
     }
 
-    fn update_session(&mut self, update: crate::server::protocol::SessionUpdate) -> Result<(), ProtocolError> {
+    fn update_session(&mut self, update: crate::protocol::SessionUpdate) -> Result<(), ProtocolError> {
         let mut agent = None;
         let next = match update.agent.as_deref().filter(|a| *a != self.settings.agent) {
             Some(name) => {
@@ -577,18 +577,7 @@ impl Session {
     /// Turns committed audio into a user message item.
     fn commit_audio(&mut self, item_id: String, audio: Vec<f32>) -> Result<(), ProtocolError> {
         self.tool_rounds = 0;
-        let item = Item {
-            id: item_id.clone(),
-            object: "realtime.item",
-            kind: ItemKind::Message,
-            status: ItemStatus::Completed,
-            role: Some(Role::User),
-            content: Some(vec![ContentPart::input_audio()]),
-            call_id: None,
-            name: None,
-            arguments: None,
-            output: None,
-        };
+        let item = Item::message(item_id.clone(), ItemStatus::Completed, Role::User, vec![ContentPart::input_audio()]);
         let ci = ConversationItem::new(item.clone(), vec![Payload::Audio(Arc::new(audio))]);
         let previous_item_id =
             self.conversation.insert(None, ci).map_err(|e| ProtocolError::new("conversation_full", e.to_string()))?;
@@ -650,20 +639,8 @@ impl Session {
             ProtocolError::new("missing_required_parameter", format!("Missing required parameter: 'item.{field}'."))
                 .param(format!("item.{field}"))
         };
-        let mut item = Item {
-            id,
-            object: "realtime.item",
-            kind: ItemKind::Message,
-            status: ItemStatus::Completed,
-            role: None,
-            content: None,
-            call_id: None,
-            name: None,
-            arguments: None,
-            output: None,
-        };
         let mut payloads = Vec::new();
-        match input.kind.as_str() {
+        let item = match input.kind.as_str() {
             "message" => {
                 let role = match input.role.as_deref() {
                     Some("user") => Role::User,
@@ -685,19 +662,16 @@ impl Session {
                     parts.push(part);
                     payloads.push(payload);
                 }
-                item.role = Some(role);
-                item.content = Some(parts);
+                Item::message(id, ItemStatus::Completed, role, parts)
             }
             "function_call" => {
-                item.kind = ItemKind::FunctionCall;
-                item.name = Some(input.name.ok_or_else(|| missing("name"))?);
-                item.call_id = Some(input.call_id.unwrap_or_else(|| new_id("call")));
-                item.arguments = Some(input.arguments.unwrap_or_else(|| "{}".into()));
+                let name = input.name.ok_or_else(|| missing("name"))?;
+                let call_id = input.call_id.unwrap_or_else(|| new_id("call"));
+                Item::function_call(id, ItemStatus::Completed, call_id, name, input.arguments.unwrap_or_else(|| "{}".into()))
             }
             "function_call_output" => {
-                item.kind = ItemKind::FunctionCallOutput;
-                item.call_id = Some(input.call_id.ok_or_else(|| missing("call_id"))?);
-                item.output = Some(input.output.ok_or_else(|| missing("output"))?);
+                let call_id = input.call_id.ok_or_else(|| missing("call_id"))?;
+                Item::function_call_output(id, call_id, input.output.ok_or_else(|| missing("output"))?)
             }
             other => {
                 return Err(ProtocolError::new(
@@ -706,7 +680,7 @@ impl Session {
                 )
                 .param("item.type"))
             }
-        }
+        };
         Ok(ConversationItem { item, payloads, pinned: input.pinned.unwrap_or(false) })
     }
 

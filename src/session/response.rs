@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::conversation::{Conversation, ConversationItem, Payload};
 use crate::model::{BackendError, BackendEvent, FinishReason, TokenUsage};
-use crate::server::protocol::{
-    new_id, ContentPart, Item, ItemKind, ItemStatus, MaxTokens, ResponseInfo, ResponseStatus, Role, ServerEvent, Usage,
+use crate::protocol::{
+    new_id, ContentPart, Item, ItemStatus, MaxTokens, ResponseInfo, ResponseStatus, Role, ServerEvent, Usage,
 };
 
 /// Why a response was cut short.
@@ -88,7 +88,7 @@ impl ResponseRun {
                 total_tokens: u.input_tokens + u.output_tokens,
                 input_tokens: u.input_tokens,
                 output_tokens: u.output_tokens,
-                input_token_details: crate::server::protocol::InputTokenDetails { cached_tokens: u.cached_input_tokens },
+                input_token_details: crate::protocol::InputTokenDetails { cached_tokens: u.cached_input_tokens },
             }),
             metadata: self.metadata.clone(),
         }
@@ -123,18 +123,7 @@ impl ResponseRun {
             }
             BackendEvent::ToolCallStart { index, call_id, name } => {
                 self.close_text(ItemStatus::Completed, conv, events);
-                let item = Item {
-                    id: new_id("item"),
-                    object: "realtime.item",
-                    kind: ItemKind::FunctionCall,
-                    status: ItemStatus::InProgress,
-                    role: None,
-                    content: None,
-                    call_id: Some(call_id),
-                    name: Some(name),
-                    arguments: Some(String::new()),
-                    output: None,
-                };
+                let item = Item::function_call(new_id("item"), ItemStatus::InProgress, call_id, name, String::new());
                 self.add_output(Output::Call { item, backend_index: index, args: String::new(), open: true }, conv, events);
                 false
             }
@@ -211,18 +200,7 @@ impl ResponseRun {
     }
 
     fn open_message(&mut self, conv: &mut Conversation, events: &mut Vec<ServerEvent>) -> usize {
-        let item = Item {
-            id: new_id("item"),
-            object: "realtime.item",
-            kind: ItemKind::Message,
-            status: ItemStatus::InProgress,
-            role: Some(Role::Assistant),
-            content: Some(Vec::new()),
-            call_id: None,
-            name: None,
-            arguments: None,
-            output: None,
-        };
+        let item = Item::message(new_id("item"), ItemStatus::InProgress, Role::Assistant, Vec::new());
         let item_id = item.id.clone();
         let idx = self.add_output(Output::Message { item, text: String::new(), open: true }, conv, events);
         events.push(ServerEvent::ResponseContentPartAdded {
