@@ -139,6 +139,20 @@ pub enum ServerEvent {
         name: String,
         arguments: String,
     },
+    #[serde(rename = "response.mcp_call_arguments.delta")]
+    ResponseMcpCallArgumentsDelta { response_id: String, item_id: String, output_index: u32, delta: String },
+    #[serde(rename = "response.mcp_call_arguments.done")]
+    ResponseMcpCallArgumentsDone { response_id: String, item_id: String, output_index: u32, arguments: String },
+    #[serde(rename = "response.mcp_call.in_progress")]
+    ResponseMcpCallInProgress { item_id: String, output_index: u32 },
+    #[serde(rename = "response.mcp_call.completed")]
+    ResponseMcpCallCompleted { item_id: String, output_index: u32 },
+    #[serde(rename = "response.mcp_call.failed")]
+    ResponseMcpCallFailed { item_id: String, output_index: u32 },
+    #[serde(rename = "mcp_list_tools.in_progress")]
+    McpListToolsInProgress { item_id: String },
+    #[serde(rename = "mcp_list_tools.completed")]
+    McpListToolsCompleted { item_id: String },
     #[serde(rename = "rate_limits.updated")]
     RateLimitsUpdated { rate_limits: Vec<Value> },
 }

@@ -1,6 +1,7 @@
 //! Conversation items and their content parts, as the protocol shows them.
 
 use serde::Serialize;
+use serde_json::Value;
 
 /// A conversation item as the protocol shows it. Audio bytes are never echoed back.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -22,6 +23,15 @@ pub struct Item {
     pub arguments: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// `mcp_call` / `mcp_list_tools`: the tool set (`hark`, or an MCP server's name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_label: Option<String>,
+    /// `mcp_call`: why the call failed, `{type: "tool_execution_error", message}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+    /// `mcp_list_tools`: `{name, description, input_schema}` of each tool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Value>>,
 }
 
 impl Item {
@@ -45,6 +55,23 @@ impl Item {
         Self { call_id: Some(call_id), output: Some(output), ..Self::bare(id.into(), ItemKind::FunctionCallOutput, ItemStatus::Completed) }
     }
 
+    /// A call of a tool hark runs itself. `call_id` is the model's id for the call (the
+    /// protocol's `mcp_call` has none; clients ignore it, the model's context needs it).
+    pub fn mcp_call(id: impl Into<String>, server_label: String, call_id: String, name: String, arguments: String) -> Self {
+        Self {
+            server_label: Some(server_label),
+            call_id: Some(call_id),
+            name: Some(name),
+            arguments: Some(arguments),
+            ..Self::bare(id.into(), ItemKind::McpCall, ItemStatus::InProgress)
+        }
+    }
+
+    /// The tools of one tool set, announced to the client.
+    pub fn mcp_list_tools(id: impl Into<String>, server_label: String, tools: Vec<Value>) -> Self {
+        Self { server_label: Some(server_label), tools: Some(tools), ..Self::bare(id.into(), ItemKind::McpListTools, ItemStatus::Completed) }
+    }
+
     fn bare(id: String, kind: ItemKind, status: ItemStatus) -> Self {
         Self {
             id,
@@ -57,6 +84,9 @@ impl Item {
             name: None,
             arguments: None,
             output: None,
+            server_label: None,
+            error: None,
+            tools: None,
         }
     }
 }
@@ -67,6 +97,9 @@ pub enum ItemKind {
     Message,
     FunctionCall,
     FunctionCallOutput,
+    /// A call hark ran itself (agents SDKs display these and never run them).
+    McpCall,
+    McpListTools,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]

@@ -20,7 +20,11 @@ fn beta_event_name(ga: &str) -> &str {
 
 /// Serializes a server event for one client: adds the `event_id`, and for beta
 /// clients renames events and content types. Returns `None` for GA-only events
-/// that beta clients do not know (`conversation.item.done`).
+/// that beta clients do not know (`conversation.item.done`, the MCP lifecycle).
+///
+/// Beta has no `mcp_call` item: beta clients see hark-run calls as `function_call`
+/// items that carry their `output` (and `server_label`), with no MCP events and no
+/// `mcp_list_tools` items.
 pub fn to_wire(event: &ServerEvent, dialect: Dialect) -> Option<String> {
     let mut value = serde_json::to_value(event).unwrap_or_else(|e| {
         json!({"type": "error", "error": {"type": "server_error", "code": "serialization", "message": e.to_string()}})
@@ -34,34 +38,51 @@ pub fn to_wire(event: &ServerEvent, dialect: Dialect) -> Option<String> {
     for (k, v) in std::mem::take(obj) {
         out.insert(k, v);
     }
-    if dialect == Dialect::Beta {
-        let ga = out.get("type").and_then(Value::as_str).unwrap_or("").to_string();
-        if ga == "conversation.item.done" {
-            return None;
+    let ga = out.get("type").and_then(Value::as_str).unwrap_or("").to_string();
+    match dialect {
+        Dialect::Ga => for_each_object(&mut out, &mut |o| {
+            // Clients' schemas require both keys on an mcp_call, null until it finishes.
+            if o.get("type").and_then(Value::as_str) == Some("mcp_call") {
+                o.entry("output").or_insert(Value::Null);
+                o.entry("error").or_insert(Value::Null);
+            }
+        }),
+        Dialect::Beta => {
+            let lists_tools = out.get("item").and_then(|i| i.get("type")).and_then(Value::as_str) == Some("mcp_list_tools");
+            if ga == "conversation.item.done" || ga.starts_with("response.mcp_call") || ga.starts_with("mcp_list_tools.") || lists_tools {
+                return None;
+            }
+            out.insert("type".into(), Value::String(beta_event_name(&ga).to_string()));
+            for_each_object(&mut out, &mut |o| {
+                if let Some(Value::String(t)) = o.get_mut("type") {
+                    match t.as_str() {
+                        "output_text" => *t = "text".into(),
+                        "output_audio" => *t = "audio".into(),
+                        "mcp_call" => *t = "function_call".into(),
+                        _ => {}
+                    }
+                }
+            });
         }
-        out.insert("type".into(), Value::String(beta_event_name(&ga).to_string()));
-        beta_content_types(&mut out);
     }
     Some(Value::Object(out).to_string())
 }
 
-/// GA content types → beta content types, anywhere in the event.
-fn beta_content_types(obj: &mut Map<String, Value>) {
-    for (key, v) in obj.iter_mut() {
+/// Applies `f` to `obj` and every object nested in it (the event's own `type` is
+/// handled by the caller before this runs).
+fn for_each_object(obj: &mut Map<String, Value>, f: &mut impl FnMut(&mut Map<String, Value>)) {
+    for v in obj.values_mut() {
         match v {
-            Value::Object(m) => beta_content_types(m),
-            Value::Array(items) => {
-                for it in items {
-                    if let Value::Object(m) = it {
-                        beta_content_types(m);
-                    }
-                }
+            Value::Object(m) => {
+                f(m);
+                for_each_object(m, f);
             }
-            Value::String(s) if key == "type" => {
-                if s == "output_text" {
-                    *s = "text".into();
-                } else if s == "output_audio" {
-                    *s = "audio".into();
+            Value::Array(items) => {
+                for it in items.iter_mut() {
+                    if let Value::Object(m) = it {
+                        f(m);
+                        for_each_object(m, f);
+                    }
                 }
             }
             _ => {}

@@ -26,12 +26,12 @@ use crate::media::AudioPipeline;
 use crate::model::{Backend, BackendEvent, ChatMessage, GenerateRequest, ToolSpec, TurnStream};
 use crate::protocol::{
     new_id, ClientEnvelope, ClientEvent, ContentInput, ContentPart, Item, ItemInput, ItemKind, ItemStatus, MaxTokens,
-    ProtocolError, ResponseParams, Role, ServerEvent, MAX_APPEND_BYTES,
+    ProtocolError, ResponseParams, ResponseStatus, Role, ServerEvent, MAX_APPEND_BYTES,
 };
-use calls::CallLedger;
+use calls::{CallAnswer, CallLedger, Unanswered};
 pub use conversation::Conversation;
 use conversation::{ConversationItem, Payload};
-use response::{CancelReason, ResponseRun};
+use response::{CancelReason, ResponseRun, Step};
 pub use settings::SessionSettings;
 use turn::{TurnDetector, TurnEvent};
 
@@ -151,12 +151,12 @@ pub struct Session {
     /// The session's agent: its tools run in hark.
     agent: Option<crate::tools::Agent>,
     calls: CallLedger,
-    tool_results_tx: mpsc::Sender<(String, String)>,
-    tool_results_rx: mpsc::Receiver<(String, String)>,
+    tool_results_tx: mpsc::Sender<(String, CallAnswer)>,
+    tool_results_rx: mpsc::Receiver<(String, CallAnswer)>,
     /// Follow-up responses created for tool results since the user last spoke.
     tool_rounds: u32,
-    /// The last response started hark-run calls: continue once they are answered.
-    follow_up: bool,
+    /// This session's conversation, as `response.conversation_id` names it.
+    conversation_id: String,
     events: Vec<ServerEvent>,
 }
 
@@ -189,7 +189,7 @@ impl Session {
             tool_results_tx,
             tool_results_rx,
             tool_rounds: 0,
-            follow_up: false,
+            conversation_id: new_id("conv"),
             events: Vec::new(),
         };
         // `?model=NAME` naming an agent picks it; otherwise the configured default.
@@ -213,6 +213,7 @@ impl Session {
     /// as it ended (every tool call answered), for whoever wants to look.
     pub async fn run(mut self, mut input: mpsc::Receiver<SessionInput>, out: mpsc::Sender<ServerEvent>, shutdown: CancellationToken) -> Conversation {
         self.events.push(ServerEvent::SessionCreated { session: self.settings.info() });
+        self.announce_tools();
         self.greet();
         loop {
             if !flush(&mut self.events, &out).await {
@@ -298,12 +299,23 @@ impl Session {
         let ev = ev.unwrap_or_else(|| {
             BackendEvent::Error(crate::model::BackendError::Protocol("the backend stopped without finishing".into()))
         });
-        if run.on_backend_event(ev, &mut self.conversation, &mut self.events) {
-            let calls = run.call_items();
-            self.response = None;
-            self.backend_rx = None;
-            self.dispatch_calls(calls, true);
+        let step = run.on_backend_event(ev, &mut self.conversation, &mut self.events);
+        if step == Step::Generating {
+            return;
         }
+        // The model has written its calls: run them, or answer why they will not run.
+        let (calls, outcome) = (run.call_items(), run.outcome());
+        if step == Step::Done {
+            self.response = None;
+        }
+        self.backend_rx = None;
+        match outcome {
+            Some(ResponseStatus::Completed) => self.dispatch_calls(calls),
+            Some(ResponseStatus::Incomplete) => self.answer_unrun(calls, Unanswered::TokenLimit),
+            Some(ResponseStatus::Failed) => self.answer_unrun(calls, Unanswered::BackendFailed),
+            _ => self.answer_unrun(calls, Unanswered::ResponseCancelled),
+        }
+        self.settle_response();
     }
 
     fn handle(&mut self, env: ClientEnvelope) {
@@ -371,7 +383,8 @@ impl Session {
             }
             None => self.settings.merged(&update)?,
         };
-        if agent.is_some() {
+        let agent_changed = agent.is_some();
+        if agent_changed {
             self.agent = agent;
         }
         let audio_path_changed = next.input_format != self.settings.input_format
@@ -383,6 +396,9 @@ impl Session {
             t.set_params(td.params());
         }
         self.events.push(ServerEvent::SessionUpdated { session: self.settings.info() });
+        if agent_changed {
+            self.announce_tools();
+        }
         Ok(())
     }
 
@@ -755,7 +771,16 @@ impl Session {
             .clone()
             .or(params.modalities.clone())
             .unwrap_or_else(|| self.settings.output_modalities.clone());
-        let run = ResponseRun::start(in_conversation, modalities, max_tokens, params.metadata.clone(), &mut self.events);
+        let routing = self.tool_routing(&params);
+        let run = ResponseRun::start(
+            in_conversation,
+            modalities,
+            max_tokens,
+            params.metadata.clone(),
+            routing,
+            self.conversation_id.clone(),
+            &mut self.events,
+        );
         self.backend_rx = Some(self.deps.backend.generate(request, run.cancel.clone()));
         self.response = Some(run);
         Ok(())
@@ -824,11 +849,26 @@ impl Session {
     }
 
     fn cancel_response(&mut self, reason: CancelReason) {
+        let Some(run) = self.response.as_mut() else { return };
+        let generating = !run.awaiting_tools();
+        run.stop(reason, &mut self.conversation, &mut self.events);
+        self.backend_rx = None;
+        if generating {
+            // Calls the model had not finished never run.
+            let unrun = match reason {
+                CancelReason::TurnDetected => Unanswered::Interrupted,
+                CancelReason::Shutdown => Unanswered::SessionEnded,
+                CancelReason::ClientCancelled | CancelReason::Backend => Unanswered::ResponseCancelled,
+            };
+            let calls = self.response.as_ref().map(ResponseRun::call_items).unwrap_or_default();
+            self.answer_unrun(calls, unrun);
+        } else if matches!(reason, CancelReason::TurnDetected | CancelReason::ClientCancelled) {
+            // Running calls stop if their tool says so; the others finish, and their
+            // results join the conversation for the next turn.
+            self.interrupt_calls();
+        }
         if let Some(mut run) = self.response.take() {
-            run.finish_cancelled(reason, &mut self.conversation, &mut self.events);
-            self.backend_rx = None;
-            // Calls of a cut-off response never run; each is answered "cancelled".
-            self.dispatch_calls(run.call_items(), false);
+            run.finish_done(&mut self.events);
         }
     }
 }

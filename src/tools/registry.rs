@@ -289,6 +289,15 @@ impl ToolRegistry {
         names.iter().filter_map(|n| self.declaration(n.as_ref())).collect()
     }
 
+    /// The tool set a tool belongs to, as clients see it (`server_label` of its
+    /// `mcp_call` items): its MCP server's name, or `hark` for YAML tools.
+    pub fn server_label(&self, name: &str) -> &str {
+        match self.tools.get(name).map(|t| &t.executor) {
+            Some(Executor::Mcp { server, .. }) => &server.def.name,
+            _ => "hark",
+        }
+    }
+
     /// The running MCP servers.
     pub fn servers(&self) -> &[Arc<McpServer>] {
         &self.servers
