@@ -151,4 +151,20 @@ mod tests {
         assert_eq!(v["item"]["content"][0]["type"], "text");
         assert!(to_wire(&ServerEvent::ConversationItemDone { previous_item_id: None, item }, Dialect::Beta).is_none());
     }
+
+    #[test]
+    fn mcp_calls_carry_null_output_for_ga_and_are_function_calls_for_beta() {
+        let item = Item::mcp_call("i", "hark".into(), "c1".into(), "calculator".into(), "{}".into());
+        let added = ServerEvent::ResponseOutputItemAdded { response_id: "r".into(), output_index: 0, item };
+        let ga: Value = serde_json::from_str(&to_wire(&added, Dialect::Ga).unwrap()).unwrap();
+        assert_eq!((&ga["item"]["type"], &ga["item"]["output"], &ga["item"]["error"]), (&json!("mcp_call"), &Value::Null, &Value::Null));
+        assert!(ga["item"].as_object().unwrap().contains_key("output"));
+        let beta: Value = serde_json::from_str(&to_wire(&added, Dialect::Beta).unwrap()).unwrap();
+        assert_eq!((&beta["item"]["type"], &beta["item"]["call_id"]), (&json!("function_call"), &json!("c1")));
+        let progress = ServerEvent::ResponseMcpCallInProgress { item_id: "i".into(), output_index: 0 };
+        assert!(to_wire(&progress, Dialect::Beta).is_none());
+        assert!(to_wire(&progress, Dialect::Ga).is_some());
+        let list = Item::mcp_list_tools("l", "hark".into(), vec![json!({"name": "calculator"})]);
+        assert!(to_wire(&ServerEvent::ConversationItemAdded { previous_item_id: None, item: list }, Dialect::Beta).is_none());
+    }
 }

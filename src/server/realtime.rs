@@ -5,6 +5,8 @@
 //! dialect. Authentication and limits are checked before the upgrade.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
@@ -90,6 +92,9 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
     let shutdown = st.shutdown.child_token();
     let session_task = tokio::spawn(session.run(in_rx, out_tx, shutdown.clone()));
 
+    // 1001 (going away) unless the reader saw why else the session ends.
+    let close_code = Arc::new(AtomicU16::new(1001));
+    let code = close_code.clone();
     let writer = tokio::spawn(async move {
         while let Some(ev) = out_rx.recv().await {
             let Some(text) = to_wire(&ev, dialect) else { continue };
@@ -98,7 +103,9 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
             }
         }
         // The session ended (client gone or shutdown): say goodbye properly.
-        let _ = sink.send(Message::Close(Some(CloseFrame { code: 1001, reason: "session closed".into() }))).await;
+        let code = code.load(Ordering::Relaxed);
+        let reason = if code == 1009 { "message too big" } else { "session closed" };
+        let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
         let _ = sink.close().await;
     });
 
@@ -110,7 +117,14 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
         let input = match msg {
             None | Some(Ok(Message::Close(_))) => break,
             Some(Err(e)) => {
-                tracing::debug!("websocket read failed: {e}");
+                // axum hides tungstenite's error type, so its capacity error is known
+                // by its text ("Space limit exceeded: Message too long: …").
+                if e.to_string().contains("Message too long") {
+                    close_code.store(1009, Ordering::Relaxed);
+                    tracing::info!("closing a session: {e} (server.max_message_bytes)");
+                } else {
+                    tracing::debug!("websocket read failed: {e}");
+                }
                 break;
             }
             Some(Ok(Message::Text(text))) => match parse_client_event(text.as_str()) {

@@ -113,11 +113,6 @@ impl InputBuffer {
             self.start += n as u64;
         }
     }
-
-    fn clear(&mut self) {
-        self.start = self.end();
-        self.samples.clear();
-    }
 }
 
 struct PendingSpeech {
@@ -238,10 +233,10 @@ impl Session {
                 },
             }
         }
-        // The client is gone or we are stopping: stop the backend's work too.
-        if let Some(run) = self.response.take() {
-            run.cancel.cancel();
-        }
+        // The client is gone or we are stopping: stop the backend's work too, and
+        // answer the calls of the open response (nobody will read these events, but the
+        // conversation keeps every answer).
+        self.cancel_response(CancelReason::Shutdown);
         self.retract_streaming();
         self.close_calls();
         self.conversation
@@ -325,12 +320,9 @@ impl Session {
             ClientEvent::InputAudioBufferAppend { audio } => self.append_audio(&audio),
             ClientEvent::InputAudioBufferCommit {} => self.commit_buffer(),
             ClientEvent::InputAudioBufferClear {} => {
-                self.retract_streaming();
-                self.buffer.clear();
-                self.speech = None;
-                if let Some(t) = self.turn.as_mut() {
-                    t.reset();
-                }
+                // Everything starts afresh: the buffer, the VAD's and the resampler's
+                // state, and a turn the user was in the middle of.
+                self.rebuild_audio_path();
                 self.events.push(ServerEvent::InputAudioBufferCleared {});
                 Ok(())
             }
@@ -403,7 +395,14 @@ impl Session {
     }
 
     /// A new pipeline for the current format, with a VAD when turn detection is on.
+    /// Speech in progress ends here (`speech_stopped`, no commit).
     fn rebuild_audio_path(&mut self) {
+        if let Some(speech) = self.speech.take() {
+            self.events.push(ServerEvent::InputAudioBufferSpeechStopped {
+                audio_end_ms: samples_to_ms(self.stream_position(), MODEL_SAMPLE_RATE),
+                item_id: speech.item_id,
+            });
+        }
         self.retract_streaming();
         self.stream_base += self.pipeline.position();
         let vad = match &self.settings.turn_detection {
@@ -570,6 +569,9 @@ impl Session {
 
     fn commit_buffer(&mut self) -> Result<(), ProtocolError> {
         let out = self.pipeline.flush().map_err(|e| ProtocolError::new("invalid_audio", e.to_string()))?;
+        if let Err(e) = self.pipeline.restart_resampler() {
+            tracing::error!("resampler restart failed: {e}");
+        }
         self.buffer.samples.extend_from_slice(&out.samples);
         let ms = samples_to_ms(self.buffer.samples.len() as u64, MODEL_SAMPLE_RATE);
         if ms < MIN_COMMIT_MS {
@@ -745,13 +747,39 @@ impl Session {
         }
     }
 
+    /// `conversation.item.truncate`: the assistant item keeps only what the user heard.
+    /// hark does not speak yet, so an assistant item holds no audio: what was heard of it
+    /// is nothing, the only valid cut is `audio_end_ms: 0`, and it removes the item's text
+    /// from the conversation and so from the model's context (the user never heard it).
     fn truncate_item(&mut self, item_id: String, content_index: u32, audio_end_ms: u64) -> Result<(), ProtocolError> {
-        let ci = self.conversation.get(&item_id).ok_or_else(|| not_found(&item_id))?;
-        if ci.item.role != Some(Role::Assistant) {
+        if self.response.as_ref().is_some_and(|r| r.has_output(&item_id)) {
+            return Err(ProtocolError::new("invalid_value", "The item is still being generated; cancel the response first.").param("item_id"));
+        }
+        let ci = self.conversation.get_mut(&item_id).ok_or_else(|| not_found(&item_id))?;
+        if ci.item.kind != ItemKind::Message || ci.item.role != Some(Role::Assistant) {
             return Err(ProtocolError::new("invalid_value", "Only assistant messages can be truncated.").param("item_id"));
         }
-        // hark's assistant messages are text, so there is no audio to cut; the event
-        // still confirms the truncation point so clients stay in step.
+        let parts = ci.item.content.as_ref().map_or(0, Vec::len);
+        if content_index as usize >= parts {
+            return Err(ProtocolError::new(
+                "invalid_value",
+                format!("content_index {content_index} is out of range: the item has {parts} content part(s)."),
+            )
+            .param("content_index"));
+        }
+        let audio_ms = 0; // no spoken output yet
+        if audio_end_ms > audio_ms {
+            return Err(ProtocolError::new(
+                "invalid_value",
+                format!("audio_end_ms {audio_end_ms} is past the end of the item's audio ({audio_ms} ms): hark has not spoken this item."),
+            )
+            .param("audio_end_ms"));
+        }
+        if let Some(part) = ci.item.content.as_mut().and_then(|c| c.get_mut(content_index as usize)) {
+            if part.text.is_some() {
+                part.text = Some(String::new());
+            }
+        }
         self.events.push(ServerEvent::ConversationItemTruncated { item_id, content_index, audio_end_ms });
         Ok(())
     }

@@ -283,6 +283,11 @@ impl ResponseRun {
         true
     }
 
+    /// Whether `item_id` is one of this response's output items.
+    pub fn has_output(&self, item_id: &str) -> bool {
+        self.outputs.iter().any(|o| self.item_of(o).id == item_id)
+    }
+
     pub fn in_conversation(&self) -> bool {
         self.in_conversation
     }
