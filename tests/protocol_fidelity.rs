@@ -109,6 +109,29 @@ async fn a_response_with_hark_and_client_calls_continues_when_the_client_asks() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_asked_for_before_the_tool_output_waits_for_it() {
+    let model = ScriptedModel::start().await;
+    let hark = Hark::start(test_config(&model.base_url())).await;
+    model.push(calls(&[("call_w", "lookup", r#"{"q": "z"}"#)]));
+    model.push(Reply::text("thanks"));
+    let mut c = Client::connect(&hark.ws_url()).await;
+    c.send(json!({"type": "session.update", "session": {"type": "realtime", "tools": [lookup_tool()]}})).await;
+    c.send(user_text("look")).await;
+    c.send(json!({"type": "response.create"})).await;
+    c.until("response.done").await;
+    // The JS agents SDK asks for the next response first, then sends its output.
+    c.send(json!({"type": "response.create"})).await;
+    c.send(json!({"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": "call_w", "output": "\"z found\""}})).await;
+    let events = c.collect_until("response.done").await;
+    let added = events.iter().position(|v| v["type"] == "conversation.item.added" && v["item"]["type"] == "function_call_output").unwrap();
+    let created = events.iter().position(|v| v["type"] == "response.created").unwrap();
+    assert!(added < created, "the response started before the output it needs: {events:#?}");
+    assert!(!events.iter().any(|v| v["type"] == "error"), "{events:#?}");
+    let requests = model.wait_requests(2).await;
+    assert!(requests[1]["messages"].as_array().unwrap().iter().any(|m| m["role"] == "tool" && m["content"] == "\"z found\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncation_removes_what_was_not_heard_from_the_context() {
     let model = ScriptedModel::start().await;
     let hark = Hark::start(test_config(&model.base_url())).await;

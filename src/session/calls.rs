@@ -147,6 +147,11 @@ impl CallLedger {
         self.pending.is_empty()
     }
 
+    /// Calls the client has yet to answer.
+    pub fn client_calls_pending(&self) -> usize {
+        self.pending.values().filter(|c| matches!(c.answerer, Answerer::Client { .. })).count()
+    }
+
     /// Barge-in: cancels the server calls that want it and returns their ids (to be
     /// answered "cancelled by user"); the others run on and answer later.
     pub fn interrupt(&mut self) -> Vec<String> {

@@ -256,6 +256,7 @@ impl Session {
         for id in self.calls.expired(Instant::now()) {
             self.answer_call(&id, Unanswered::ClientTimeout.answer());
         }
+        self.start_deferred_response();
     }
 
     /// The session is over: every call still open gets its answer.

@@ -152,6 +152,8 @@ pub struct Session {
     tool_rounds: u32,
     /// This session's conversation, as `response.conversation_id` names it.
     conversation_id: String,
+    /// A `response.create` that waits for the client to answer its calls.
+    deferred_response: Option<ResponseParams>,
     events: Vec<ServerEvent>,
 }
 
@@ -185,6 +187,7 @@ impl Session {
             tool_results_rx,
             tool_rounds: 0,
             conversation_id: new_id("conv"),
+            deferred_response: None,
             events: Vec::new(),
         };
         // `?model=NAME` naming an agent picks it; otherwise the configured default.
@@ -346,6 +349,10 @@ impl Session {
             }
             ClientEvent::ResponseCreate { response } => self.create_response(response.unwrap_or_default()),
             ClientEvent::ResponseCancel { response_id } => match (&self.response, response_id) {
+                (None, None) if self.deferred_response.is_some() => {
+                    self.deferred_response = None;
+                    Ok(())
+                }
                 (None, _) => Err(ProtocolError::new("response_cancel_not_active", "There is no active response to cancel.")),
                 (Some(run), Some(id)) if run.id != id => Err(ProtocolError::new(
                     "response_cancel_not_active",
@@ -500,6 +507,10 @@ impl Session {
             self.cancel_response(CancelReason::TurnDetected);
         }
         if interrupt {
+            // The user speaks again before the tools were answered: that response is moot.
+            self.deferred_response = None;
+        }
+        if interrupt {
             self.interrupt_calls();
         }
         let padding = self.settings.turn_detection.as_ref().map_or(0, |t| t.prefix_padding_ms as u64);
@@ -640,12 +651,25 @@ impl Session {
             conversation::ConversationError::Duplicate(_) => ProtocolError::new("duplicate_item_id", e.to_string()).param("item.id"),
             conversation::ConversationError::Full(_) => ProtocolError::new("conversation_full", e.to_string()),
         })?;
-        if let Some(id) = answers_call {
-            self.calls.claim(&id);
-        }
+        let answered = answers_call.is_some_and(|id| self.calls.claim(&id));
         self.events.push(ServerEvent::ConversationItemAdded { previous_item_id: previous_item_id.clone(), item: item.clone() });
         self.events.push(ServerEvent::ConversationItemDone { previous_item_id, item });
+        if answered {
+            self.start_deferred_response();
+        }
         Ok(())
+    }
+
+    /// Starts the response a client asked for once its calls are all answered.
+    fn start_deferred_response(&mut self) {
+        if self.calls.client_calls_pending() > 0 {
+            return;
+        }
+        if let Some(params) = self.deferred_response.take() {
+            if let Err(e) = self.create_response(params) {
+                self.events.push(ServerEvent::from_protocol_error(e));
+            }
+        }
     }
 
     fn item_from_input(&self, input: ItemInput) -> Result<ConversationItem, ProtocolError> {
@@ -785,13 +809,21 @@ impl Session {
     }
 
     fn create_response(&mut self, params: ResponseParams) -> Result<(), ProtocolError> {
-        if let Some(run) = &self.response {
+        let active = self.response.as_ref().map(|r| r.id.clone()).or(self.deferred_response.as_ref().map(|_| "(waiting for tool outputs)".into()));
+        if let Some(id) = active {
             return Err(ProtocolError::new(
                 "conversation_already_has_active_response",
-                format!("Conversation already has an active response in progress: {}. Wait until the response is finished before creating a new one.", run.id),
+                format!("Conversation already has an active response in progress: {id}. Wait until the response is finished before creating a new one."),
             ));
         }
         let in_conversation = params.conversation.as_deref() != Some("none");
+        // The model continues only once every call of the last response is answered:
+        // a client may ask for the next response before sending its tool outputs (the
+        // JS agents SDK does), so the response waits for them (or their deadline).
+        if in_conversation && self.calls.client_calls_pending() > 0 {
+            self.deferred_response = Some(params);
+            return Ok(());
+        }
         let max_tokens = params.max_output_tokens.clone().or(params.max_response_output_tokens.clone()).unwrap_or(self.settings.max_output_tokens.clone());
         let request = self.model_request(&params);
         let modalities = params

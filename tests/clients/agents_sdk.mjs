@@ -14,6 +14,7 @@ const finalText = arg('--final-text');
 const ran = [];
 const toolStarts = [];
 const errors = [];
+const transport = [];
 let history = [];
 
 const lookupOrder = tool({
@@ -28,6 +29,7 @@ const lookupOrder = tool({
 
 const agent = new RealtimeAgent({ name: 'assistant', instructions: 'Help with orders.', tools: [lookupOrder] });
 const session = new RealtimeSession(agent, { transport: 'websocket', model: 'hark', config: { outputModalities: ['text'] } });
+session.on('transport_event', (e) => transport.push(e.type + (e.item ? ':' + e.item.type : '') + (e.error ? ':' + JSON.stringify(e.error) : '')));
 session.on('agent_tool_start', (_ctx, _agent, t) => toolStarts.push(t.name));
 session.on('error', (e) => errors.push(String(e?.error?.message ?? e?.error ?? e)));
 
@@ -47,6 +49,7 @@ console.log('RESULT ' + JSON.stringify({
   ran,
   tool_starts: toolStarts,
   errors,
+  transport,
   history: history.map((i) => ({ type: i.type, name: i.name, output: i.output, status: i.status, role: i.role })),
 }));
 session.close();
