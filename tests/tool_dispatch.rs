@@ -410,3 +410,27 @@ async fn sessions_pick_agents_and_unknown_ones_are_refused() {
     assert!(req["messages"][0]["content"].as_str().unwrap().contains("You test tools."), "{req}");
     d.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_conversation_is_the_servers_condition() {
+    let s = setup("http://127.0.0.1:9/v1", 60_000).await;
+    let base = &s.state.deps;
+    let deps = Arc::new(SessionDeps {
+        defaults: base.defaults.clone(),
+        backend: base.backend.clone(),
+        vad: base.vad.clone(),
+        max_buffer_seconds: base.max_buffer_seconds,
+        max_items: 3, // the agent's mcp_list_tools item, then two messages
+        retention: base.retention,
+        streaming_prefill: false,
+        tools: base.tools.clone(),
+        agents: base.agents.clone(),
+        client_tool_timeout: base.client_tool_timeout,
+    });
+    let mut d = Driven::start(deps);
+    for text in ["one", "two", "three"] {
+        d.send(json!({"type": "conversation.item.create", "event_id": text, "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})).await;
+    }
+    let err = d.until_type("error").await.pop().unwrap();
+    assert_eq!((&err["error"]["type"], &err["error"]["code"], &err["error"]["event_id"]), (&json!("server_error"), &json!("conversation_full"), &json!("three")));
+}

@@ -226,11 +226,18 @@ pub struct ProtocolError {
     pub message: String,
     pub param: Option<String>,
     pub event_id: Option<String>,
+    /// The server's condition (a full conversation), not the client's mistake:
+    /// reported as `server_error` rather than `invalid_request_error`.
+    pub server_side: bool,
 }
 
 impl ProtocolError {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), param: None, event_id: None }
+        Self { code, message: message.into(), param: None, event_id: None, server_side: false }
+    }
+    /// A refusal caused by the server's state rather than the request.
+    pub fn server(code: &'static str, message: impl Into<String>) -> Self {
+        Self { server_side: true, ..Self::new(code, message) }
     }
     pub fn param(mut self, param: impl Into<String>) -> Self {
         self.param = Some(param.into());
@@ -298,7 +305,7 @@ pub fn parse_client_event(text: &str) -> Result<ClientEnvelope, ProtocolError> {
             Some(p) => format!("Invalid '{p}' in {kind}: {inner}."),
             None => format!("Invalid {kind}: {inner}."),
         };
-        ProtocolError { code: "invalid_value", message, param, event_id: event_id.clone() }
+        ProtocolError { code: "invalid_value", message, param, event_id: event_id.clone(), server_side: false }
     })?;
     Ok(ClientEnvelope { event_id, event })
 }

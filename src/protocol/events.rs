@@ -177,7 +177,7 @@ impl ServerEvent {
     pub fn from_protocol_error(e: ProtocolError) -> Self {
         ServerEvent::Error {
             error: ErrorBody {
-                kind: "invalid_request_error",
+                kind: if e.server_side { "server_error" } else { "invalid_request_error" },
                 code: e.code.to_string(),
                 message: e.message,
                 param: e.param,

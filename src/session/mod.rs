@@ -609,7 +609,7 @@ impl Session {
         let item = Item::message(item_id.clone(), ItemStatus::Completed, Role::User, vec![ContentPart::input_audio()]);
         let ci = ConversationItem::new(item.clone(), vec![Payload::Audio(Arc::new(audio))]);
         let previous_item_id =
-            self.conversation.insert(None, ci).map_err(|e| ProtocolError::new("conversation_full", e.to_string()))?;
+            self.conversation.insert(None, ci).map_err(|e| ProtocolError::server("conversation_full", e.to_string()))?;
         self.events.push(ServerEvent::InputAudioBufferCommitted { previous_item_id: previous_item_id.clone(), item_id });
         self.events.push(ServerEvent::ConversationItemAdded { previous_item_id: previous_item_id.clone(), item: item.clone() });
         self.events.push(ServerEvent::ConversationItemDone { previous_item_id, item });
@@ -649,7 +649,7 @@ impl Session {
         let previous_item_id = self.conversation.insert(previous.as_deref(), ci).map_err(|e| match e {
             conversation::ConversationError::NotFound(_) => ProtocolError::new("item_not_found", e.to_string()).param("previous_item_id"),
             conversation::ConversationError::Duplicate(_) => ProtocolError::new("duplicate_item_id", e.to_string()).param("item.id"),
-            conversation::ConversationError::Full(_) => ProtocolError::new("conversation_full", e.to_string()),
+            conversation::ConversationError::Full(_) => ProtocolError::server("conversation_full", e.to_string()),
         })?;
         let answered = answers_call.is_some_and(|id| self.calls.claim(&id));
         self.events.push(ServerEvent::ConversationItemAdded { previous_item_id: previous_item_id.clone(), item: item.clone() });
