@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub max_sessions: usize,
     /// Largest WebSocket message accepted from a client, in bytes.
     pub max_message_bytes: usize,
+    /// Largest HTTP request body accepted (chat completions with audio and images).
+    pub max_request_bytes: usize,
     /// How long open sessions get to finish when the daemon stops.
     pub shutdown_grace_ms: u64,
 }
@@ -284,6 +286,7 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             max_sessions: 64,
             max_message_bytes: crate::protocol::MAX_CLIENT_MESSAGE_BYTES,
+            max_request_bytes: 32 * 1024 * 1024,
             shutdown_grace_ms: 2000,
         }
     }

@@ -54,6 +54,15 @@ async fn keys_and_origins_are_both_checked() {
     let (status, body) = Client::refused(&hark.ws_url(), &[("authorization", "Bearer wrong")]).await;
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+    // The HTTP API too; health checks need no key.
+    hark::tls::init();
+    let http = reqwest::Client::new();
+    let models = format!("{}/models", hark.base_url());
+    let r = http.get(&models).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["code"], "invalid_api_key");
+    assert_eq!(http.get(&models).bearer_auth("sekrit").send().await.unwrap().status(), 200);
+    assert_eq!(http.get(format!("http://{}/healthz", hark.addr)).send().await.unwrap().status(), 200);
     // A page from a disallowed origin is refused even with the right key.
     let (status, _) = Client::refused(&hark.ws_url(), &[("authorization", "Bearer sekrit"), ("origin", "http://evil.example")]).await;
     assert_eq!(status, 403);

@@ -1,4 +1,4 @@
-//! Which web pages may drive hark: the `Origin` check.
+//! Who may use hark: web pages by their `Origin`, and clients by API key.
 //!
 //! Browsers do not apply CORS to WebSocket upgrades, so without this check any page
 //! the user visits could open `ws://127.0.0.1:8765/v1/realtime` and use the agent's
@@ -22,6 +22,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use super::AppState;
 use crate::config::normalize_origin;
@@ -90,6 +91,32 @@ fn is_loopback_name(host: &str) -> bool {
     host == "localhost"
         || host.ends_with(".localhost")
         || host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether the request presents one of `keys` (`Authorization: Bearer KEY`, or the
+/// browser subprotocol `openai-insecure-api-key.KEY`). No keys configured: everyone.
+/// Keys are compared in constant time, so response timing does not reveal a prefix.
+pub fn authorized(keys: &[String], headers: &HeaderMap) -> bool {
+    if keys.is_empty() {
+        return true;
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let offered = headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+    let sub = offered.filter_map(|p| p.trim().strip_prefix("openai-insecure-api-key.")).next();
+    [bearer, sub].into_iter().flatten().any(|k| keys.iter().fold(false, |hit, key| hit | bool::from(key.as_bytes().ct_eq(k.as_bytes()))))
+}
+
+/// Middleware for the API routes: a missing or wrong key gets 401 in OpenAI's shape.
+pub async fn check_key(State(st): State<AppState>, request: Request, next: Next) -> Response {
+    if authorized(&st.config.server.api_keys, request.headers()) {
+        return next.run(request).await;
+    }
+    let body = json!({"error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "Missing or invalid API key.", "param": null}});
+    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
 }
 
 /// Middleware: refuses requests from pages whose origin is not allowed, with 403 in

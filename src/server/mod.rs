@@ -138,11 +138,16 @@ pub fn resolve_secret(value: &str) -> anyhow::Result<String> {
 }
 
 pub fn router(state: AppState) -> Router {
+    // The API needs a key when keys are configured; the page and health checks do not.
+    let api = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/realtime", get(realtime::upgrade))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access::check_key));
     Router::new()
         .route("/", get(index))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/v1/models", get(models))
-        .route("/v1/realtime", get(realtime::upgrade))
+        .merge(api)
+        .layer(axum::extract::DefaultBodyLimit::max(state.config.server.max_request_bytes))
         .layer(axum::middleware::from_fn_with_state(state.clone(), access::check_origin))
         .with_state(state)
 }

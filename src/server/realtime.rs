@@ -44,9 +44,6 @@ pub async fn upgrade(
         .flat_map(|v| v.split(','))
         .map(|s| s.trim().to_string())
         .collect();
-    if !authorized(&st.config.server.api_keys, &headers, &offered) {
-        return (StatusCode::UNAUTHORIZED, Json(json!({"error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "Missing or invalid API key."}}))).into_response();
-    }
     let beta_header = headers
         .get_all("openai-beta")
         .iter()
@@ -69,19 +66,6 @@ pub async fn upgrade(
             drop(permit);
         })
     })
-}
-
-fn authorized(keys: &[String], headers: &HeaderMap, offered: &[String]) -> bool {
-    if keys.is_empty() {
-        return true;
-    }
-    let bearer = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let sub = offered.iter().find_map(|p| p.strip_prefix("openai-insecure-api-key."));
-    [bearer, sub].into_iter().flatten().any(|k| keys.iter().any(|key| key == k))
 }
 
 async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dialect: Dialect) {
