@@ -4,6 +4,7 @@
 //! `shutdown_grace_ms` to send their final event and close.
 
 pub mod access;
+pub mod chat;
 pub mod realtime;
 
 use std::net::SocketAddr;
@@ -141,6 +142,7 @@ pub fn router(state: AppState) -> Router {
     // The API needs a key when keys are configured; the page and health checks do not.
     let api = Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/chat/completions", axum::routing::post(chat::completions))
         .route("/v1/realtime", get(realtime::upgrade))
         .layer(axum::middleware::from_fn_with_state(state.clone(), access::check_key));
     Router::new()
@@ -156,11 +158,16 @@ async fn index() -> &'static str {
     "hark is running. Connect a Realtime client to ws://HOST:PORT/v1/realtime\n"
 }
 
+/// What `model` accepts: the configured model name, and each agent (which brings its
+/// instructions to chat completions and everything else to Realtime sessions).
 async fn models(axum::extract::State(st): axum::extract::State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{"id": st.deps.defaults.model, "object": "model", "owned_by": "hark", "backend": st.deps.backend.name()}],
-    }))
+    let mut data = vec![json!({"id": st.deps.defaults.model, "object": "model", "created": 0, "owned_by": "hark", "backend": st.deps.backend.name()})];
+    for name in st.deps.agents.names() {
+        if name != st.deps.defaults.model {
+            data.push(json!({"id": name, "object": "model", "created": 0, "owned_by": "hark", "agent": true}));
+        }
+    }
+    Json(json!({"object": "list", "data": data}))
 }
 
 /// Binds the configured address.
