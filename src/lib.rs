@@ -17,6 +17,7 @@
 //! - [`server`]: axum HTTP server — the Realtime WebSocket, `/healthz`, `/v1/models`.
 //! - [`config`]: `config.yaml` and its `HARK_…` environment overrides.
 //! - [`check`]: `hark check` — the config's files, the checkpoint, tools and agents.
+//! - [`metrics`]: what `/metrics` exports, measured from the events sessions send.
 //! - [`bench`]: `hark bench …` measurements that print tables.
 //! - [`tls`]: the process-wide rustls setup for HTTPS clients.
 //!
@@ -31,6 +32,7 @@ pub mod check;
 pub mod config;
 pub mod context;
 pub mod media;
+pub mod metrics;
 pub mod model;
 pub mod protocol;
 pub mod server;

@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
+use crate::metrics::{CodeLabel, EndpointLabel, Metrics};
 use crate::media::clip::decode_clip;
 use crate::model::{BackendEvent, ChatMessage, FinishReason, GenerateRequest, ToolCall, ToolSpec, UserPart};
 use crate::protocol::new_id;
@@ -142,18 +143,23 @@ impl IntoResponse for ApiError {
 }
 
 pub async fn completions(State(st): State<AppState>, body: Result<Json<ChatRequest>, JsonRejection>) -> Response {
+    st.metrics.requests_total.get_or_create(&EndpointLabel { endpoint: "chat.completions".into() }).inc();
     let req = match body {
         Ok(Json(r)) => r,
         Err(rejection) => {
             let status = rejection.status();
             let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_request" };
             let message = rejection.body_text();
+            st.metrics.errors_total.get_or_create(&CodeLabel { code: code.into() }).inc();
             return ApiError { status, kind: "invalid_request_error", code, message, param: None }.into_response();
         }
     };
     match prepare(&st, req) {
         Ok(prepared) => run(st, prepared).await,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            st.metrics.errors_total.get_or_create(&CodeLabel { code: e.code.into() }).inc();
+            e.into_response()
+        }
     }
 }
 
@@ -370,6 +376,7 @@ async fn run(st: AppState, p: Prepared) -> Response {
                 ApiError { status: StatusCode::BAD_GATEWAY, kind: "server_error", code: "backend_error", message, param: None }.into_response()
             }
             End::Done { finish, usage } => {
+                count_usage(&st.metrics, &usage);
                 let mut message = json!({"role": "assistant", "content": acc.text});
                 if !acc.calls.is_empty() {
                     message["tool_calls"] = Value::Array(acc.calls.iter().map(CallOut::to_json).collect());
@@ -396,6 +403,7 @@ async fn run(st: AppState, p: Prepared) -> Response {
     };
     let _ = tx.send(sse(&chunk(json!({"role": "assistant", "content": ""}), None)));
     let include_usage = p.include_usage;
+    let metrics = st.metrics.clone();
     let (id2, model2) = (id.clone(), p.model.clone());
     tokio::spawn(async move {
         let _guard = guard;
@@ -418,6 +426,7 @@ async fn run(st: AppState, p: Prepared) -> Response {
                 let _ = tx.send(sse(&json!({"error": {"message": message, "type": "server_error", "param": null, "code": "backend_error"}})));
             }
             End::Done { finish, usage } => {
+                count_usage(&metrics, &usage);
                 let _ = tx.send(sse(&chunk(json!({}), Some(finish))));
                 if include_usage {
                     let _ = tx.send(sse(&json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": model2, "choices": [], "usage": usage})));
@@ -432,6 +441,11 @@ async fn run(st: AppState, p: Prepared) -> Response {
         .header("cache-control", "no-cache")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn count_usage(m: &Metrics, usage: &Value) {
+    let n = |k: &str| usage.pointer(k).and_then(Value::as_u64).unwrap_or(0);
+    m.count_usage(n("/prompt_tokens"), n("/completion_tokens"), n("/prompt_tokens_details/cached_tokens"));
 }
 
 fn sse(v: &Value) -> String {

@@ -39,6 +39,7 @@ pub struct AppState {
     pub sessions: TaskTracker,
     pub session_slots: Arc<Semaphore>,
     pub origins: Arc<access::OriginPolicy>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {
@@ -91,6 +92,7 @@ impl AppState {
         Ok(Self {
             session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),
             origins: Arc::new(access::OriginPolicy::new(&config.server.allowed_origins)),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
             config: Arc::new(config),
             deps: Arc::new(deps),
             shutdown: CancellationToken::new(),
@@ -141,6 +143,7 @@ pub fn resolve_secret(value: &str) -> anyhow::Result<String> {
 pub fn router(state: AppState) -> Router {
     // The API needs a key when keys are configured; the page and health checks do not.
     let api = Router::new()
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", axum::routing::post(chat::completions))
         .route("/v1/realtime", get(realtime::upgrade))
@@ -148,6 +151,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
         .merge(api)
         .layer(axum::extract::DefaultBodyLimit::max(state.config.server.max_request_bytes))
         .layer(axum::middleware::from_fn_with_state(state.clone(), access::check_origin))
@@ -156,6 +160,25 @@ pub fn router(state: AppState) -> Router {
 
 async fn index() -> &'static str {
     "hark is running. Connect a Realtime client to ws://HOST:PORT/v1/realtime\n"
+}
+
+/// The Prometheus text exposition of [`crate::metrics::Metrics`].
+async fn metrics(axum::extract::State(st): axum::extract::State<AppState>) -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render())
+}
+
+/// Ready to serve: the model is loaded and the tools started (both happen before the
+/// server listens), and the daemon is not shutting down.
+async fn readyz(axum::extract::State(st): axum::extract::State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = json!({
+        "status": if st.shutdown.is_cancelled() { "shutting_down" } else { "ready" },
+        "backend": st.deps.backend.name(),
+        "tools": st.deps.tools.names().len(),
+        "sessions": st.metrics.sessions_active.get(),
+    });
+    let status = if st.shutdown.is_cancelled() { axum::http::StatusCode::SERVICE_UNAVAILABLE } else { axum::http::StatusCode::OK };
+    (status, Json(body)).into_response()
 }
 
 /// What `model` accepts: the configured model name, and each agent (which brings its

@@ -79,8 +79,11 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
     // 1001 (going away) unless the reader saw why else the session ends.
     let close_code = Arc::new(AtomicU16::new(1001));
     let code = close_code.clone();
+    let metrics = st.metrics.clone();
     let writer = tokio::spawn(async move {
+        let mut observer = crate::metrics::EventObserver::new(&metrics);
         while let Some(ev) = out_rx.recv().await {
+            observer.observe(&ev);
             let Some(text) = to_wire(&ev, dialect) else { continue };
             if sink.send(Message::text(text)).await.is_err() {
                 return;
