@@ -134,3 +134,53 @@ async fn bad_requests_get_openai_errors() {
     let models: Value = http.get(format!("{}/models", hark.base_url())).send().await.unwrap().json().await.unwrap();
     assert_eq!(models["data"][0]["id"], "hark");
 }
+
+/// A streamed completion's text, read as raw SSE.
+async fn stream_text(http: &reqwest::Client, url: &str, prompt: &str) -> String {
+    let body = json!({"model": "hark", "stream": true, "temperature": 0, "max_tokens": 6, "messages": [{"role": "user", "content": prompt}]});
+    let text = http.post(url).json(&body).send().await.unwrap().text().await.unwrap();
+    let mut out = String::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|l| *l != "[DONE]") {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert!(v.get("error").is_none(), "{v}");
+        out.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    out
+}
+
+/// Many clients share the one embedded model: 16 streaming completions and two
+/// realtime sessions at once all finish, and each greedy answer is the one the same
+/// request gets alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_and_sessions_share_the_model_exactly() {
+    let ckpt = tempfile::tempdir().unwrap();
+    hark::model::gemma4::init::write_random_checkpoint(hark::model::gemma4::init::Preset::Tiny, ckpt.path(), false, 5, |_, _| {}).unwrap();
+    let mut cfg = test_config("http://127.0.0.1:9/v1");
+    cfg.backend.kind = hark::config::BackendKind::Embedded;
+    cfg.backend.embedded.checkpoint = ckpt.path().to_path_buf();
+    cfg.backend.embedded.max_tokens = 6;
+    let hark = Hark::start(cfg).await;
+    hark::tls::init();
+    let http = reqwest::Client::new();
+    let url = format!("{}/chat/completions", hark.base_url());
+    let prompts: Vec<String> = (0..16).map(|i| format!("request number {i}: tell me about the number {}", i * 7)).collect();
+    let mut alone = Vec::new();
+    for p in &prompts {
+        alone.push(stream_text(&http, &url, p).await);
+    }
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::connect(&hark.ws_url()).await;
+        c.send(json!({"type": "session.update", "session": {"type": "realtime", "temperature": 0}})).await;
+        c.send(json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello there"}]}})).await;
+        c.send(json!({"type": "response.create"})).await;
+        sessions.push(c);
+    }
+    let together: Vec<String> = futures_util::future::join_all(prompts.iter().map(|p| stream_text(&http, &url, p))).await;
+    assert_eq!(together, alone, "answers changed when requests ran together");
+    for mut c in sessions {
+        let done = c.until("response.done").await;
+        assert_eq!(done["response"]["status"], "incomplete", "6 tokens of a random model: {done}");
+    }
+}
