@@ -16,7 +16,11 @@ fn python() -> String {
 }
 
 async fn run_client(hark: &Hark, extra: &[&str]) -> Value {
-    let script = repo_root().join("tests/clients/chat_sdk.py").display().to_string();
+    run_script(hark, "chat_sdk.py", extra).await
+}
+
+async fn run_script(hark: &Hark, script: &str, extra: &[&str]) -> Value {
+    let script = repo_root().join("tests/clients").join(script).display().to_string();
     let mut args = vec![script, "--base-url".to_string(), hark.base_url()];
     args.extend(extra.iter().map(|s| s.to_string()));
     let py = python();
@@ -183,4 +187,24 @@ async fn concurrent_requests_and_sessions_share_the_model_exactly() {
         let done = c.until("response.done").await;
         assert_eq!(done["response"]["status"], "incomplete", "6 tokens of a random model: {done}");
     }
+}
+
+/// A second real client no one here wrote: LangChain's ChatOpenAI, with bind_tools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn langchain_chat_openai_with_tools() {
+    let model = ScriptedModel::start().await;
+    let hark = Hark::start(test_config(&model.base_url())).await;
+    model.push(Reply::text("Hello from the scripted model."));
+    model.push(Reply::text("Hello again."));
+    model.push(Reply::tool_call("", "call_lc", "get_weather", ["{\"city\":", "\"Paris\"}"]));
+    model.push(Reply::text("It is 18 degrees in Paris."));
+    let r = run_script(&hark, "langchain_client.py", &[]).await;
+    assert_eq!(r["plain"], "Hello from the scripted model.");
+    assert_eq!(r["stream"], "Hello again.");
+    assert_eq!(r["tool_calls"], json!([{"name": "get_weather", "args": {"city": "Paris"}, "id": "call_lc"}]));
+    assert_eq!(r["after_tool"], "It is 18 degrees in Paris.");
+    let requests = model.wait_requests(4).await;
+    assert!(requests[2]["tools"].as_array().unwrap().iter().any(|t| t["function"]["name"] == "get_weather"), "{}", requests[2]);
+    let last = requests[3]["messages"].as_array().unwrap();
+    assert!(last.iter().any(|m| m["role"] == "tool" && m["tool_call_id"] == "call_lc" && m["content"].as_str().unwrap().contains("18")), "{last:?}");
 }
