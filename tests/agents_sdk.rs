@@ -27,25 +27,25 @@ fn python() -> String {
 /// hark with one agent, `assistant`, whose only tool is the builtin calculator; the
 /// scripted model calls it and the client's `lookup_order` together, then answers.
 async fn start() -> (ScriptedModel, Hark, tempfile::TempDir) {
+    start_with(true).await
+}
+
+/// As [`start`]; `with_client_call: false`: the model calls only hark's calculator.
+async fn start_with(with_client_call: bool) -> (ScriptedModel, Hark, tempfile::TempDir) {
     let model = ScriptedModel::start().await;
-    let chunks = vec![
+    let mut chunks = vec![
         json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
         json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_calc", "type": "function", "function": {"name": "calculator", "arguments": "{\"expression\": \"6*7\"}"}}]}}]}),
-        json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "id": "call_order", "type": "function", "function": {"name": "lookup_order", "arguments": "{\"order_id\": \"A1\"}"}}]}}]}),
-        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
     ];
+    if with_client_call {
+        chunks.push(json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "id": "call_order", "type": "function", "function": {"name": "lookup_order", "arguments": "{\"order_id\": \"A1\"}"}}]}}]}));
+    }
+    chunks.push(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}));
     model.push(Reply::Stream { chunks, gap: Duration::from_millis(5) });
     model.push(Reply::text(FINAL));
     let dir = tempfile::tempdir().unwrap();
-    let (tools, agents) = (dir.path().join("tools"), dir.path().join("agents"));
-    std::fs::create_dir_all(&tools).unwrap();
-    std::fs::create_dir_all(&agents).unwrap();
-    std::fs::copy(repo_root().join("tools/calculator.yaml"), tools.join("calculator.yaml")).unwrap();
-    std::fs::write(agents.join("assistant.yaml"), "name: assistant\ninstructions: You help.\ntools: [calculator]\n").unwrap();
     let mut cfg = test_config(&model.base_url());
-    cfg.tools_dir = tools;
-    cfg.agents_dir = agents;
-    cfg.session.agent = Some("assistant".into());
+    with_calculator_agent(&mut cfg, dir.path(), "assistant");
     let hark = Hark::start(cfg).await;
     (model, hark, dir)
 }
@@ -117,4 +117,20 @@ async fn javascript_agents_sdk_runs_only_its_own_tool() {
     assert!(history.iter().any(|i| i["type"] == "function_call" && i["name"] == "lookup_order" && i["output"].as_str().is_some_and(|o| o.contains("shipped"))), "{r}");
     assert!(history.iter().any(|i| i["role"] == "assistant"), "{r}");
     check_model_requests(&model).await;
+}
+
+/// Only hark's tool is called: hark continues by itself, and the request the JS SDK
+/// sends after every finished `mcp_call` neither fails nor makes the model answer twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn javascript_agents_sdk_after_a_hark_only_call() {
+    let clients = repo_root().join("tests/clients");
+    let (model, hark, _dir) = start_with(false).await;
+    let url = format!("ws://{}/v1/realtime", hark.addr);
+    let r = tokio::task::spawn_blocking(move || run("node", &["agents_sdk.mjs", "--url", &url, "--final-text", FINAL], clients)).await.unwrap();
+    assert_eq!(r["ran"], json!([]), "{r}");
+    assert_eq!(r["errors"], json!([]), "{r}");
+    let requests = model.requests();
+    assert_eq!(requests.len(), 2, "the model answered once after the tool: {requests:#?}");
+    let transport: Vec<&str> = r["transport"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert!(!transport.iter().any(|t| t.starts_with("error")), "{transport:?}");
 }

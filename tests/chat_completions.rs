@@ -77,10 +77,7 @@ async fn openai_sdk_against_the_remote_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_sdk_against_the_embedded_model() {
     let ckpt = tempfile::tempdir().unwrap();
-    hark::model::gemma4::init::write_random_checkpoint(hark::model::gemma4::init::Preset::Tiny, ckpt.path(), false, 5, |_, _| {}).unwrap();
-    let mut cfg = test_config("http://127.0.0.1:9/v1");
-    cfg.backend.kind = hark::config::BackendKind::Embedded;
-    cfg.backend.embedded.checkpoint = ckpt.path().to_path_buf();
+    let cfg = embedded_test_config(ckpt.path());
     let hark = Hark::start(cfg).await;
     let r = run_client(&hark, &["--max-tokens", "8"]).await;
     for part in ["plain", "image", "audio"] {
@@ -159,10 +156,7 @@ async fn stream_text(http: &reqwest::Client, url: &str, prompt: &str) -> String 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_and_sessions_share_the_model_exactly() {
     let ckpt = tempfile::tempdir().unwrap();
-    hark::model::gemma4::init::write_random_checkpoint(hark::model::gemma4::init::Preset::Tiny, ckpt.path(), false, 5, |_, _| {}).unwrap();
-    let mut cfg = test_config("http://127.0.0.1:9/v1");
-    cfg.backend.kind = hark::config::BackendKind::Embedded;
-    cfg.backend.embedded.checkpoint = ckpt.path().to_path_buf();
+    let mut cfg = embedded_test_config(ckpt.path());
     cfg.backend.embedded.max_tokens = 6;
     let hark = Hark::start(cfg).await;
     hark::tls::init();

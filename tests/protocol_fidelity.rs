@@ -33,15 +33,8 @@ fn calls(calls: &[(&str, &str, &str)]) -> Reply {
 /// hark whose default agent runs the builtin calculator.
 async fn hark_with_calculator(model: &ScriptedModel) -> (Hark, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let (tools, agents) = (dir.path().join("tools"), dir.path().join("agents"));
-    std::fs::create_dir_all(&tools).unwrap();
-    std::fs::create_dir_all(&agents).unwrap();
-    std::fs::copy(repo_root().join("tools/calculator.yaml"), tools.join("calculator.yaml")).unwrap();
-    std::fs::write(agents.join("calc.yaml"), "name: calc\ninstructions: You count.\ntools: [calculator]\n").unwrap();
     let mut cfg = test_config(&model.base_url());
-    cfg.tools_dir = tools;
-    cfg.agents_dir = agents;
-    cfg.session.agent = Some("calc".into());
+    with_calculator_agent(&mut cfg, dir.path(), "calc");
     (Hark::start(cfg).await, dir)
 }
 

@@ -103,10 +103,7 @@ async fn openai_sdk_beta_server_vad_and_response() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_sdk_against_the_embedded_model() {
     let ckpt = tempfile::tempdir().unwrap();
-    hark::model::gemma4::init::write_random_checkpoint(hark::model::gemma4::init::Preset::Tiny, ckpt.path(), false, 5, |_, _| {}).unwrap();
-    let mut cfg = test_config("http://127.0.0.1:9/v1");
-    cfg.backend.kind = hark::config::BackendKind::Embedded;
-    cfg.backend.embedded.checkpoint = ckpt.path().to_path_buf();
+    let mut cfg = embedded_test_config(ckpt.path());
     cfg.backend.embedded.max_tokens = 24;
     let hark = Hark::start(cfg).await;
     // Random weights never choose to stop, so the reply ends at max_output_tokens.

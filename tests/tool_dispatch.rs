@@ -359,19 +359,7 @@ async fn embedded_grammar_tool_calls_go_through_the_same_dispatch() {
         ]),
         requests: Mutex::new(Vec::new()),
     });
-    let base = &s.state.deps;
-    let deps = Arc::new(SessionDeps {
-        defaults: base.defaults.clone(),
-        backend: backend.clone(),
-        vad: base.vad.clone(),
-        max_buffer_seconds: base.max_buffer_seconds,
-        max_items: base.max_items,
-        retention: base.retention,
-        streaming_prefill: false,
-        tools: base.tools.clone(),
-        agents: base.agents.clone(),
-        client_tool_timeout: base.client_tool_timeout,
-    });
+    let deps = Arc::new(SessionDeps { backend: backend.clone(), streaming_prefill: false, ..(*s.state.deps).clone() });
     let mut d = Driven::start(deps);
     ask(&mut d, "echo it").await;
     let events = d.until(|v| v["type"] == "response.done" && v["response"]["output"][0]["type"] == "message" && v["response"]["output"].as_array().unwrap().len() == 1).await;
@@ -414,19 +402,8 @@ async fn sessions_pick_agents_and_unknown_ones_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_conversation_is_the_servers_condition() {
     let s = setup("http://127.0.0.1:9/v1", 60_000).await;
-    let base = &s.state.deps;
-    let deps = Arc::new(SessionDeps {
-        defaults: base.defaults.clone(),
-        backend: base.backend.clone(),
-        vad: base.vad.clone(),
-        max_buffer_seconds: base.max_buffer_seconds,
-        max_items: 3, // the agent's mcp_list_tools item, then two messages
-        retention: base.retention,
-        streaming_prefill: false,
-        tools: base.tools.clone(),
-        agents: base.agents.clone(),
-        client_tool_timeout: base.client_tool_timeout,
-    });
+    // Room for the agent's mcp_list_tools item, then two messages.
+    let deps = Arc::new(SessionDeps { max_items: 3, ..(*s.state.deps).clone() });
     let mut d = Driven::start(deps);
     for text in ["one", "two", "three"] {
         d.send(json!({"type": "conversation.item.create", "event_id": text, "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})).await;

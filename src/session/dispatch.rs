@@ -184,6 +184,7 @@ impl Session {
         if !self.calls.claim(call_id) {
             return false;
         }
+        self.new_input();
         if let Some(run) = self.response.as_mut() {
             if run.answer_mcp(call_id, &answer, &mut self.conversation, &mut self.events) {
                 return true;
@@ -238,7 +239,7 @@ impl Session {
             return;
         }
         self.tool_rounds += 1;
-        if let Err(e) = self.create_response(ResponseParams::default()) {
+        if let Err(e) = self.hark_create_response(ResponseParams::default()) {
             self.events.push(ServerEvent::from_protocol_error(e));
         }
     }

@@ -305,6 +305,7 @@ impl Session {
     /// Turns committed audio into a user message item.
     pub(super) fn commit_audio(&mut self, item_id: String, audio: Vec<f32>) -> Result<(), ProtocolError> {
         self.tool_rounds = 0;
+        self.new_input();
         let item = Item::message(item_id.clone(), ItemStatus::Completed, Role::User, vec![ContentPart::input_audio()]);
         let ci = ConversationItem::new(item.clone(), vec![Payload::Audio(Arc::new(audio))]);
         let previous_item_id =

@@ -48,6 +48,7 @@ impl Session {
             conversation::ConversationError::Duplicate(_) => ProtocolError::new("duplicate_item_id", e.to_string()).param("item.id"),
             conversation::ConversationError::Full(_) => ProtocolError::server("conversation_full", e.to_string()),
         })?;
+        self.new_input();
         let answered = answers_call.is_some_and(|id| self.calls.claim(&id));
         self.events.push(ServerEvent::ConversationItemAdded { previous_item_id: previous_item_id.clone(), item: item.clone() });
         self.events.push(ServerEvent::ConversationItemDone { previous_item_id, item });
@@ -63,7 +64,7 @@ impl Session {
             return;
         }
         if let Some(params) = self.deferred_response.take() {
-            if let Err(e) = self.create_response(params) {
+            if let Err(e) = self.hark_create_response(params) {
                 self.events.push(ServerEvent::from_protocol_error(e));
             }
         }

@@ -64,6 +64,7 @@ impl VadFactory {
 }
 
 /// What every session shares.
+#[derive(Clone)]
 pub struct SessionDeps {
     pub defaults: SessionSettings,
     pub backend: Arc<dyn Backend>,
@@ -117,6 +118,11 @@ pub struct Session {
     conversation_id: String,
     /// A `response.create` that waits for the client to answer its calls.
     deferred_response: Option<ResponseParams>,
+    /// Counts conversation input the model has to answer (items, commits, tool answers).
+    input_generation: u64,
+    /// The input generation when hark itself last started a response (a continuation
+    /// after its tools, or a deferred one); see [`Self::client_response_create`].
+    hark_started_at: Option<u64>,
     events: Vec<ServerEvent>,
 }
 
@@ -151,6 +157,8 @@ impl Session {
             tool_rounds: 0,
             conversation_id: new_id("conv"),
             deferred_response: None,
+            input_generation: 0,
+            hark_started_at: None,
             events: Vec::new(),
         };
         // `?model=NAME` naming an agent picks it; otherwise the configured default.
@@ -267,7 +275,7 @@ impl Session {
             ClientEvent::ConversationItemTruncate { item_id, content_index, audio_end_ms } => {
                 self.truncate_item(item_id, content_index, audio_end_ms)
             }
-            ClientEvent::ResponseCreate { response } => self.create_response(response.unwrap_or_default()),
+            ClientEvent::ResponseCreate { response } => self.client_response_create(response.unwrap_or_default()),
             ClientEvent::ResponseCancel { response_id } => match (&self.response, response_id) {
                 (None, None) if self.deferred_response.is_some() => {
                     self.deferred_response = None;
@@ -319,6 +327,49 @@ impl Session {
             self.announce_tools();
         }
         Ok(())
+    }
+
+    /// A client's `response.create`. The JS agents SDK asks for a response after every
+    /// `mcp_call` it sees finish and after its own tool outputs, while hark has already
+    /// continued by itself: such a request, carrying nothing of its own and arriving when
+    /// the model has seen all the input there is, is answered by the response hark
+    /// started — absorbed while that runs, or an empty response once it is over (the
+    /// client waits for a `response.created` for each request). Without this, the client
+    /// would get an error or the model would answer twice.
+    fn client_response_create(&mut self, params: ResponseParams) -> Result<(), ProtocolError> {
+        let plain = params.instructions.is_none() && params.tools.is_none() && params.conversation.is_none() && params.tool_choice.is_none();
+        if plain && self.hark_started_at == Some(self.input_generation) {
+            if self.response.is_some() {
+                tracing::debug!(session = %self.settings.id, "response.create absorbed by the response hark started");
+                return Ok(());
+            }
+            let mut run = ResponseRun::start(
+                true,
+                self.settings.output_modalities.clone(),
+                self.settings.max_output_tokens.clone(),
+                params.metadata,
+                response::ToolRouting::default(),
+                self.conversation_id.clone(),
+                &mut self.events,
+            );
+            run.finish_done(&mut self.events);
+            return Ok(());
+        }
+        self.create_response(params)
+    }
+
+    /// Starts a response on hark's own initiative (see [`Self::client_response_create`]).
+    pub(super) fn hark_create_response(&mut self, params: ResponseParams) -> Result<(), ProtocolError> {
+        self.create_response(params)?;
+        if self.response.is_some() {
+            self.hark_started_at = Some(self.input_generation);
+        }
+        Ok(())
+    }
+
+    /// Something new for the model to answer entered the conversation.
+    pub(super) fn new_input(&mut self) {
+        self.input_generation += 1;
     }
 
     fn create_response(&mut self, params: ResponseParams) -> Result<(), ProtocolError> {

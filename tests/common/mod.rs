@@ -226,6 +226,29 @@ pub fn test_config(model_base_url: &str) -> Config {
     c
 }
 
+/// A config for the embedded backend on a tiny random-weight checkpoint of the real
+/// layout (written into `dir` by the real `hark model init` code).
+pub fn embedded_test_config(dir: &Path) -> Config {
+    hark::model::gemma4::init::write_random_checkpoint(hark::model::gemma4::init::Preset::Tiny, dir, false, 5, |_, _| {}).unwrap();
+    let mut cfg = test_config("http://127.0.0.1:9/v1");
+    cfg.backend.kind = hark::config::BackendKind::Embedded;
+    cfg.backend.embedded.checkpoint = dir.to_path_buf();
+    cfg
+}
+
+/// A tools and an agents folder in `dir` with one agent, `name`, whose only tool is
+/// the builtin calculator; `cfg` starts sessions with it.
+pub fn with_calculator_agent(cfg: &mut Config, dir: &Path, name: &str) {
+    let (tools, agents) = (dir.join("tools"), dir.join("agents"));
+    std::fs::create_dir_all(&tools).unwrap();
+    std::fs::create_dir_all(&agents).unwrap();
+    std::fs::copy(repo_root().join("tools/calculator.yaml"), tools.join("calculator.yaml")).unwrap();
+    std::fs::write(agents.join(format!("{name}.yaml")), format!("name: {name}\ninstructions: You help.\ntools: [calculator]\n")).unwrap();
+    cfg.tools_dir = tools;
+    cfg.agents_dir = agents;
+    cfg.session.agent = Some(name.into());
+}
+
 impl Hark {
     pub async fn start(config: Config) -> Hark {
         let state = hark::server::AppState::from_config(config)
