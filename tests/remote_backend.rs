@@ -147,6 +147,7 @@ async fn failure_then_recovery(reply: Reply, expected_code: &str, tweak: impl Fn
     let err = events.iter().find(|e| e["type"] == "error").unwrap_or_else(|| panic!("no error event in {:?}", types(&events)));
     assert_eq!(err["error"]["code"], expected_code, "{err}");
     assert_eq!(err["error"]["type"], "server_error");
+    assert!(!err.to_string().contains("boom"), "the server's response body reached the client: {err}");
     let done = events.last().unwrap();
     assert_eq!(done["response"]["status"], "failed", "{done}");
     assert_eq!(done["response"]["status_details"]["error"]["code"], expected_code);
@@ -193,6 +194,9 @@ async fn unreachable_server_yields_error_and_session_survives() {
     let events = c.collect_until("response.done").await;
     let err = events.iter().find(|e| e["type"] == "error").unwrap();
     assert_eq!(err["error"]["code"], "backend_unavailable");
+    // The model server's address stays in hark's log; the client is not told it.
+    let port = dead_url.split(':').nth(2).unwrap().trim_end_matches("/v1");
+    assert!(!err.to_string().contains(port) && !events.last().unwrap().to_string().contains(port), "{err}");
     assert_eq!(events.last().unwrap()["response"]["status"], "failed");
     c.assert_alive().await;
 }

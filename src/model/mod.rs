@@ -109,6 +109,17 @@ impl BackendError {
             BackendError::Protocol(_) => "backend_protocol_error",
         }
     }
+
+    /// What a client may be told: no internal URLs, no server response bodies (they
+    /// can carry paths, keys or stack traces). The full error goes to the log.
+    pub fn client_message(&self) -> String {
+        match self {
+            BackendError::Unavailable { .. } => "The model server is unreachable.".into(),
+            BackendError::Timeout(_) => "The model server timed out.".into(),
+            BackendError::Http { status, .. } => format!("The model server returned HTTP {status}."),
+            BackendError::Protocol(_) => "The model server sent a malformed stream.".into(),
+        }
+    }
 }
 
 /// A fresh tool-call id (`call_…`) for backends whose model names none.

@@ -538,7 +538,10 @@ impl Accumulator {
                 };
                 Some(End::Done { finish, usage: usage_json(usage) })
             }
-            BackendEvent::Error(e) => Some(End::Failed(format!("{} ({})", e, e.code()))),
+            BackendEvent::Error(e) => {
+                tracing::warn!("chat completion: backend failed: {e}");
+                Some(End::Failed(e.client_message()))
+            }
         }
     }
 }

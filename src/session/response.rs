@@ -231,8 +231,10 @@ impl ResponseRun {
             }
             BackendEvent::Error(err) => {
                 self.close_all(ItemStatus::Incomplete, conv, events);
-                events.push(ServerEvent::server_error(err.code(), err.to_string(), None));
-                let details = json!({"type": "failed", "error": {"type": "server_error", "code": err.code(), "message": err.to_string()}});
+                tracing::warn!(response = %self.id, "backend failed: {err}");
+                let message = err.client_message();
+                events.push(ServerEvent::server_error(err.code(), message.clone(), None));
+                let details = json!({"type": "failed", "error": {"type": "server_error", "code": err.code(), "message": message}});
                 self.finish = Some((ResponseStatus::Failed, Some(details), None));
                 self.conclude(events)
             }
