@@ -404,7 +404,10 @@ pub fn engine(preset: &str, sessions: &[usize], tokens: u32, device: &str, dtype
         }
         println!("| {n} | interleaved ÷ one at a time | {:.2}× | | | | |", rates[1] / rates[0].max(1e-9));
     }
-    println!("\nDecoding is one sequence per forward (no batching yet): interleaving moves first tokens earlier, not the aggregate rate.");
+    println!(
+        "\nInterleaved: decode steps of every answering session run as one batched forward (weights read once per step), \
+         alternating with prefill chunks of sessions still reading their prompt."
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! Model backends. A backend is driven: it gets a [`GenerateRequest`] and streams
 //! [`BackendEvent`]s back; it knows nothing of sessions or transports.
 //!
+//! - [`embedded::EmbeddedBackend`]: Gemma 4 in-process; its [`engine::Engine`] owns the
+//!   model on one thread, where a scheduler interleaves every session's work and a
+//!   pool keeps a KV cache per session within a byte budget.
 //! - [`openai::OpenAiBackend`]: any OpenAI-compatible chat-completions server.
 
 pub mod embedded;
