@@ -342,14 +342,45 @@ pub fn engine(preset: &str, sessions: &[usize], tokens: u32, device: &str, dtype
         image_tokens: 280,
     };
     let mut engine = Engine::load(&settings, &select_device(device)?, select_dtype(dtype)?)?;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!(
         "hark bench engine: {preset} preset (random weights), {dtype} on {device} ({cores} cores); every session asks at once, \
          a short spoken-length question, up to {tokens} tokens each. TTFT = submission → first token.\n"
     );
+    // The batched forward alone: N sequences' decode tokens in one call against N calls.
+    {
+        use crate::model::gemma4::ForwardInput;
+        let model = engine.model();
+        println!("| sequences | N single decode forwards | one batched forward | speed-up |");
+        println!("|--:|--:|--:|--:|");
+        let prompt: Vec<u32> = (0..40u32).map(|i| 1000 + i * 7).collect();
+        for &n in sessions {
+            let mut caches: Vec<_> = (0..n).map(|_| model.new_cache()).collect();
+            for c in caches.iter_mut() {
+                model.forward(&ForwardInput { tokens: &prompt, ..Default::default() }, c)?;
+            }
+            let steps = 8;
+            let t = Instant::now();
+            for s in 0..steps {
+                for c in caches.iter_mut() {
+                    model.forward(&ForwardInput { tokens: &[2000 + s], ..Default::default() }, c)?;
+                }
+            }
+            let single = t.elapsed() / steps;
+            let t = Instant::now();
+            for s in 0..steps {
+                let tokens = vec![3000 + s; n];
+                let mut refs: Vec<_> = caches.iter_mut().collect();
+                model.forward_batch(&tokens, &mut refs)?;
+            }
+            let batched = t.elapsed() / steps;
+            println!("| {n} | {:.1} ms | {:.1} ms | {:.2}× |", ms(single), ms(batched), ms(single) / ms(batched).max(1e-9));
+        }
+        println!();
+    }
     println!("| sessions | schedule | aggregate decode tok/s | TTFT p50 | TTFT p99 | inter-token p99 | wall |");
     println!("|--:|:--|--:|--:|--:|--:|--:|");
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     for &n in sessions {
         let mut rates = Vec::new();
         for fifo in [true, false] {

@@ -326,3 +326,45 @@ fn sequences_decoded_together_give_the_tokens_each_gives_alone() {
         assert_eq!((&text, usage.output_tokens), (&alone[i].0, alone[i].1.output_tokens), "sequence {tag}");
     }
 }
+
+#[test]
+fn a_batched_forward_gives_each_sequence_its_own_logits() {
+    use hark::model::gemma4::ForwardInput;
+    let ckpt = tiny_checkpoint();
+    let engine = engine_with(ckpt.path(), 1, 4, 1024);
+    let model = engine.model();
+    // Three sequences at different lengths (different positions and cache sizes; one
+    // past the sliding window of 64).
+    let prompts: Vec<Vec<u32>> = [5usize, 30, 90].iter().map(|&n| (0..n as u32).map(|i| 300 + (i * 37) % 5000).collect()).collect();
+    let prefilled = |p: &Vec<u32>| {
+        let mut c = model.new_cache();
+        model.forward(&ForwardInput { tokens: p, ..Default::default() }, &mut c).unwrap();
+        c
+    };
+    let mut alone: Vec<_> = prompts.iter().map(prefilled).collect();
+    let mut together: Vec<_> = prompts.iter().map(prefilled).collect();
+    for step in 0..3u32 {
+        let tokens: Vec<u32> = (0..3).map(|i| 700 + 11 * step + i).collect();
+        let singles: Vec<Vec<f32>> = alone
+            .iter_mut()
+            .zip(&tokens)
+            .map(|(c, &t)| model.forward(&ForwardInput { tokens: &[t], ..Default::default() }, c).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        let mut refs: Vec<_> = together.iter_mut().collect();
+        let batched = model.forward_batch(&tokens, &mut refs).unwrap();
+        assert_eq!(batched.dims(), &[3, singles[0].len()]);
+        for (i, single) in singles.iter().enumerate() {
+            let row: Vec<f32> = batched.get(i).unwrap().to_vec1().unwrap();
+            let scale = single.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+            let diff = row.iter().zip(single).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            // Not bit for bit (the batch's matrix product rounds differently), but
+            // within float rounding and to the same greedy token.
+            assert!(diff <= 1e-5 * scale, "step {step}, sequence {i}: {diff} of {scale}");
+            let argmax = |v: &[f32]| hark::model::gemma4::sampling::argmax(v);
+            assert_eq!(argmax(&row), argmax(single), "step {step}, sequence {i}");
+        }
+    }
+    for (a, t) in alone.iter().zip(&together) {
+        assert_eq!(a.seq_len(), t.seq_len());
+    }
+}

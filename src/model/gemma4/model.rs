@@ -481,7 +481,12 @@ impl Gemma4Model {
             let a = &layer.attn;
             let residual = x.clone();
             let h = rms(&x, &layer.input_norm, eps)?;
-            let (q, k, v) = Self::project(a, &h)?;
+            let q = apply(&a.q_proj, &h)?;
+            let k = apply(&a.k_proj, &h)?;
+            let v = match &a.v_proj {
+                Some(v) => apply(v, &h)?,
+                None => k.clone(),
+            };
             let mut outs = Vec::with_capacity(b);
             for (i, cache) in caches.iter_mut().enumerate() {
                 let (rope_s, rope_f) = &ropes[i];
@@ -489,13 +494,13 @@ impl Gemma4Model {
                 let row = |t: &Tensor| t.narrow(0, i, 1);
                 outs.push(self.attend(a, li, &row(&q)?, &row(&k)?, &row(&v)?, cos, sin, starts[i], &[-1], cache)?);
             }
-            let h = a.o_proj.forward(&Tensor::cat(&outs, 0)?)?;
+            let h = apply(&a.o_proj, &Tensor::cat(&outs, 0)?)?;
             let h = rms(&h, &layer.post_attn_norm, eps)?;
             x = (residual + h)?;
             let residual = x.clone();
             let h = rms(&x, &layer.pre_ff_norm, eps)?;
-            let gate = layer.mlp.gate.forward(&h)?.gelu()?;
-            let h = layer.mlp.down.forward(&(gate * layer.mlp.up.forward(&h)?)?)?;
+            let gate = apply(&layer.mlp.gate, &h)?.gelu()?;
+            let h = apply(&layer.mlp.down, &(gate * apply(&layer.mlp.up, &h)?)?)?;
             let h = rms(&h, &layer.post_ff_norm, eps)?;
             x = (residual + h)?.broadcast_mul(&layer.layer_scalar)?;
         }
@@ -503,7 +508,7 @@ impl Gemma4Model {
             cache.advance(1);
         }
         let x = rms(&x, &self.norm, eps)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = apply(&self.lm_head, &x)?.to_dtype(DType::F32)?;
         match t.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
@@ -607,6 +612,16 @@ impl Gemma4Model {
     pub fn has_vision(&self) -> bool {
         self.vision.is_some()
     }
+}
+
+/// A bias-free linear layer over a few rows `[b, in]`, computed as `W · xᵀ`: the
+/// weight is the long side of the product, streamed once, where `x · Wᵀ` with a
+/// handful of rows leaves a CPU matrix kernel mostly padding. It rounds differently
+/// from `x · Wᵀ` in the last bits (about 1e-6 of the logits' scale), so a batched
+/// sequence's greedy token could differ from its lone one only at a near tie; the
+/// engine's tests check logits and tokens.
+fn apply(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    l.weight().matmul(&x.t()?)?.t()?.contiguous()
 }
 
 /// RMSNorm over the last dimension, computed in f32 as transformers does.
