@@ -29,8 +29,9 @@ pub struct CachedContext {
 }
 
 impl CachedContext {
+    /// Bytes allocated for its keys and values.
     pub fn bytes(&self) -> usize {
-        self.cache.bytes()
+        self.cache.allocated_bytes()
     }
 }
 
