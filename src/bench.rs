@@ -379,8 +379,8 @@ pub fn engine(preset: &str, sessions: &[usize], tokens: u32, device: &str, dtype
         }
         println!();
     }
-    println!("| sessions | schedule | aggregate decode tok/s | TTFT p50 | TTFT p99 | inter-token p99 | wall |");
-    println!("|--:|:--|--:|--:|--:|--:|--:|");
+    println!("| sessions | schedule | tokens | aggregate decode tok/s | TTFT p50 | TTFT p99 | inter-token p99 | wall |");
+    println!("|--:|:--|--:|--:|--:|--:|--:|--:|");
     for &n in sessions {
         let mut rates = Vec::new();
         for fifo in [true, false] {
@@ -425,7 +425,7 @@ pub fn engine(preset: &str, sessions: &[usize], tokens: u32, device: &str, dtype
             let rate = total as f64 / wall.as_secs_f64();
             rates.push(rate);
             println!(
-                "| {n} | {} | {rate:.1} | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} s |",
+                "| {n} | {} | {total} | {rate:.1} | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} s |",
                 if fifo { "one at a time" } else { "interleaved" },
                 ms(percentile(&ttft, 0.5)),
                 ms(percentile(&ttft, 0.99)),
@@ -433,7 +433,7 @@ pub fn engine(preset: &str, sessions: &[usize], tokens: u32, device: &str, dtype
                 wall.as_secs_f64(),
             );
         }
-        println!("| {n} | interleaved ÷ one at a time | {:.2}× | | | | |", rates[1] / rates[0].max(1e-9));
+        println!("| {n} | interleaved ÷ one at a time | | {:.2}× | | | | |", rates[1] / rates[0].max(1e-9));
     }
     println!(
         "\nInterleaved: decode steps of every answering session run as one batched forward (weights read once per step), \

@@ -10,6 +10,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use hark::model::embedded::{EmbeddedBackend, Engine};
+use hark::model::engine::Reuse;
 use hark::model::gemma4::init::{write_random_checkpoint, Preset};
 use hark::model::{Backend, BackendEvent, ChatMessage, FinishReason, GenerateRequest, TokenUsage, UserPart};
 use tokio_util::sync::CancellationToken;
@@ -87,9 +88,11 @@ fn a_sessions_cache_survives_another_session_speaking() {
         let (_, _, ub) = run(&mut engine, &ask(b, vec![user("play some music in the kitchen please")], 4));
         // B shared the system turn with A: a fork of A's prefix, not a fresh prefill.
         assert!(ub.cached_input_tokens > 0, "{ub:?}");
+        assert_eq!(engine.last_reuse, Some(Reuse::Forked));
         let second = ask(a, vec![user("what is the weather like today in the garden?"), said(&reply), user("and tomorrow?")], 4);
         let (again, _, u2) = run(&mut engine, &second);
         assert!(u2.cached_input_tokens >= u1.input_tokens, "A's second turn reused {u2:?} of a {u1:?} history");
+        assert_eq!(engine.last_reuse, Some(Reuse::Continued));
 
         // The reused cache answers as a fresh prefill would (greedy).
         let mut cold = engine_with(ckpt.path(), 4, 4, 1024);

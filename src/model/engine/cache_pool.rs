@@ -174,11 +174,6 @@ impl CachePool {
         Some(self.contexts.swap_remove(i))
     }
 
-    /// Whether a context with this id is kept.
-    pub fn contains(&self, id: u64) -> bool {
-        self.contexts.iter().any(|c| c.id == id)
-    }
-
     /// Bytes held by the kept caches. A fork's shared prefix counts in both the fork
     /// and its source: the sum errs high, never low.
     pub fn bytes(&self) -> usize {

@@ -83,11 +83,6 @@ impl Generation {
         self.cancel.is_cancelled() || self.listener_gone
     }
 
-    /// Whether its prompt is still going in (no token yet).
-    pub fn prefilling(&self) -> bool {
-        matches!(self.phase, Phase::Waiting | Phase::Prefill(_))
-    }
-
     /// Bytes of the KV cache this generation holds outside the pool.
     pub fn cache_bytes(&self) -> usize {
         match &self.phase {
@@ -121,10 +116,6 @@ impl Generation {
         }
     }
 
-    pub fn tokens_generated(&self) -> usize {
-        self.generated
-    }
-
     fn usage(&self) -> TokenUsage {
         TokenUsage {
             input_tokens: self.prompt.as_ref().map_or(0, |p| p.tokens.len()) as u32,
@@ -153,7 +144,8 @@ impl Engine {
                 let prompt = self.prompt(&g.request, true)?;
                 self.adopt_background_if_better(&prompt.keys);
                 let model = &self.model;
-                let (mut ctx, _) = self.pool.acquire(&prompt.keys, g.request.cache_key, || model.new_cache());
+                let (mut ctx, reuse) = self.pool.acquire(&prompt.keys, g.request.cache_key, || model.new_cache());
+                self.last_reuse = Some(reuse);
                 let len = prompt.tokens.len();
                 g.reused = ctx.keys.len();
                 self.last_prefill = (g.reused, len - g.reused);

@@ -29,6 +29,7 @@ use super::gemma4::tool_call::ParsedEvent;
 use super::gemma4::vision;
 use super::gemma4::{audio_frames, loader, ForwardInput, Gemma4Model};
 use super::{BackendEvent, ChatMessage, FinishReason, GenerateRequest, TokenUsage, UserPart};
+pub use cache_pool::Reuse;
 use cache_pool::{CachePool, CachedContext};
 use generation::{Generation, Progress};
 use prompt::{frame_key, PositionKey, Prompt, AUDIO_FRAME};
@@ -100,6 +101,8 @@ pub struct Engine {
     pub stats: EngineStats,
     /// Tokens reused from a kept cache and tokens prefilled, for the last request.
     pub last_prefill: (usize, usize),
+    /// How the last request's context came out of the pool.
+    pub last_reuse: Option<Reuse>,
     /// The logits that chose the last request's first generated token (for tests).
     pub last_logits: Option<Vec<f32>>,
     /// Decoded images by their URL's `Arc` (checked through the weak reference): an
@@ -140,6 +143,7 @@ impl Engine {
             decode_next: true,
             stats: EngineStats::default(),
             last_prefill: (0, 0),
+            last_reuse: None,
             last_logits: None,
             clip_keys: RefCell::new(HashMap::new()),
             image_cache: RefCell::new(HashMap::new()),

@@ -54,11 +54,6 @@ impl Engine {
         self.fifo = fifo;
     }
 
-    /// Generations submitted and not finished.
-    pub fn running(&self) -> usize {
-        self.running.len()
-    }
-
     /// Whether anything is waiting for the model.
     pub fn has_work(&self) -> bool {
         !self.running.is_empty() || self.background.is_some() || self.open_turns.values().any(|t| t.has_work())
