@@ -44,9 +44,15 @@ pub struct ServerConfig {
     /// Keys clients must present (`Authorization: Bearer KEY` or the
     /// `openai-insecure-api-key.KEY` subprotocol). Empty: no authentication.
     pub api_keys: Vec<String>,
+    /// Web page origins (`scheme://host[:port]`) allowed to use hark besides its own
+    /// page and pages served over loopback; `"*"` allows any. Requests without an
+    /// `Origin` header (programs, not browsers) are not affected.
+    pub allowed_origins: Vec<String>,
     pub max_sessions: usize,
     /// Largest WebSocket message accepted from a client, in bytes.
     pub max_message_bytes: usize,
+    /// Largest HTTP request body accepted (chat completions with audio and images).
+    pub max_request_bytes: usize,
     /// How long open sessions get to finish when the daemon stops.
     pub shutdown_grace_ms: u64,
 }
@@ -281,8 +287,10 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8765,
             api_keys: Vec::new(),
+            allowed_origins: Vec::new(),
             max_sessions: 64,
-            max_message_bytes: crate::server::protocol::MAX_CLIENT_MESSAGE_BYTES,
+            max_message_bytes: crate::protocol::MAX_CLIENT_MESSAGE_BYTES,
+            max_request_bytes: 32 * 1024 * 1024,
             shutdown_grace_ms: 2000,
         }
     }
@@ -390,6 +398,11 @@ impl Config {
         let bad = |message: String| Err(ConfigError::Invalid { path: origin.to_string(), message });
         if self.server.host.parse::<std::net::IpAddr>().is_err() && self.server.host != "localhost" {
             return bad(format!("server.host: '{}' is not an IP address", self.server.host));
+        }
+        for o in &self.server.allowed_origins {
+            if o != "*" && normalize_origin(o).is_none() {
+                return bad(format!("server.allowed_origins: '{o}' is not an origin like https://app.example.com or http://localhost:3000"));
+            }
         }
         if self.server.max_sessions == 0 {
             return bad("server.max_sessions: must be at least 1".into());
@@ -521,81 +534,17 @@ mod tests {
     }
 }
 
-/// Reads and validates `tools_dir` and `agents_dir` without starting anything (MCP
-/// servers' tools are accepted under their server's prefix). Every problem is returned,
-/// each as `file:line: field: problem`.
-pub fn load_tool_specs(config: &Config) -> Result<(crate::tools::ToolSet, crate::tools::AgentSet), Vec<String>> {
-    let base = config.resolve(Path::new("."));
-    let tools = crate::tools::ToolSet::load_dir(&config.resolve(&config.tools_dir), &base)
-        .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
-    let agents = crate::tools::AgentSet::load_dir(&config.resolve(&config.agents_dir), &tools.catalog())
-        .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
-    Ok((tools, agents))
-}
-
-/// What `hark check` found.
-#[derive(Debug, Default)]
-pub struct CheckReport {
-    pub problems: Vec<String>,
-}
-
-/// Validates the config file, the files it names, and the YAML under `agents/` and `tools/`.
-pub fn check(path: &Path) -> CheckReport {
-    let mut report = CheckReport::default();
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            report.problems.push(e.to_string());
-            return report;
-        }
+/// An origin as `scheme://host[:port]` in lower case without a trailing slash, or `None`
+/// when the text is not one (a path, a query, `null`, another scheme).
+pub fn normalize_origin(text: &str) -> Option<String> {
+    let text = text.trim().trim_end_matches('/').to_ascii_lowercase();
+    let (scheme, authority) = text.split_once("://")?;
+    if !matches!(scheme, "http" | "https") || authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
+        return None;
+    }
+    let port_ok = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => !host.is_empty() && port.parse::<u16>().is_ok(),
+        _ => true,
     };
-    if config.audio.vad == VadKind::Silero {
-        let lib = config.onnxruntime_library();
-        let model = config.resolve(&config.audio.silero_model);
-        if let Err(e) = crate::media::vad::SileroModel::load(&lib, &model) {
-            report.problems.push(format!("{}: audio: {e}", path.display()));
-        }
-    }
-    if config.backend.kind == BackendKind::Embedded {
-        let dir = config.resolve(&config.backend.embedded.checkpoint);
-        let cfg = dir.join("config.json");
-        if !cfg.exists() {
-            report.problems.push(format!(
-                "{}: backend.embedded.checkpoint: no checkpoint at {} (put a gemma4_unified checkpoint there, \
-                 or make a random stand-in with `hark model init --preset tiny --random {}`)",
-                path.display(),
-                dir.display(),
-                dir.display()
-            ));
-        } else {
-            if let Err(e) = crate::model::gemma4::Gemma4Config::from_file(&cfg) {
-                report.problems.push(format!("{}: {e}", cfg.display()));
-            }
-            if !dir.join("tokenizer.json").exists() {
-                report.problems.push(format!("{}: tokenizer.json is missing", dir.display()));
-            }
-            if let Err(e) = crate::model::gemma4::loader::weight_files(&dir) {
-                report.problems.push(e.to_string());
-            }
-        }
-        if let Err(e) = crate::model::embedded::select_dtype(&config.backend.embedded.dtype) {
-            report.problems.push(format!("{}: backend.embedded.dtype: {e}", path.display()));
-        }
-    }
-    match load_tool_specs(&config) {
-        Ok((tools, agents)) => {
-            if let Some(name) = &config.session.agent {
-                if agents.get(name).is_none() {
-                    report.problems.push(format!(
-                        "{}: session.agent: no agent named \"{name}\" in {}",
-                        path.display(),
-                        config.resolve(&config.agents_dir).display()
-                    ));
-                }
-            }
-            let _ = tools;
-        }
-        Err(problems) => report.problems.extend(problems),
-    }
-    report
+    port_ok.then_some(text)
 }

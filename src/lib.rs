@@ -2,6 +2,9 @@
 //!
 //! Media flows one way, through small stages, into a session that talks to a model:
 //!
+//! - [`protocol`]: the OpenAI Realtime events as serde types, GA and beta dialects,
+//!   item constructors. Every transport and the session speak it; it imports nothing
+//!   else of hark.
 //! - [`media`]: audio stages — wire codecs, resampling to 16 kHz (rubato), Silero VAD
 //!   (ONNX Runtime), 640-sample model frames. Frames in, frames out.
 //! - [`session`]: one client's realtime session — input buffer, turn detection,
@@ -11,9 +14,10 @@
 //!   in-process (`model::gemma4`, `model::embedded`) and any OpenAI-compatible server
 //!   (`model::openai`); `model::hub` downloads checkpoints. Backends are driven; they
 //!   know no transport.
-//! - [`server`]: axum HTTP server — the Realtime WebSocket, `/healthz`, `/v1/models`;
-//!   [`server::protocol`] is the one file with the wire protocol's types.
+//! - [`server`]: axum HTTP server — the Realtime WebSocket, `/healthz`, `/v1/models`.
 //! - [`config`]: `config.yaml` and its `HARK_…` environment overrides.
+//! - [`check`]: `hark check` — the config's files, the checkpoint, tools and agents.
+//! - [`metrics`]: what `/metrics` exports, measured from the events sessions send.
 //! - [`bench`]: `hark bench …` measurements that print tables.
 //! - [`tls`]: the process-wide rustls setup for HTTPS clients.
 //!
@@ -24,10 +28,13 @@
 //! Still to come (see `../shared/DESIGN.md` §2): `sources/` (microphone, WebRTC).
 
 pub mod bench;
+pub mod check;
 pub mod config;
 pub mod context;
 pub mod media;
+pub mod metrics;
 pub mod model;
+pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod tls;

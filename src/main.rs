@@ -188,13 +188,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let listener = hark::server::bind(&state.config).await?;
                 let addr = listener.local_addr()?;
                 tracing::info!("hark listening on http://{addr} (realtime: ws://{addr}/v1/realtime, backend: {})", state.deps.backend.name());
+                if !addr.ip().is_loopback() && state.config.server.api_keys.is_empty() {
+                    tracing::warn!(
+                        "hark listens on {addr}, reachable from other machines, and server.api_keys is empty: \
+                         anyone who can reach this port can use the model and the agent's tools. Set server.api_keys."
+                    );
+                }
                 hark::server::cancel_on_signals(state.shutdown.clone());
                 hark::server::serve(listener, state).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {
-            let report = hark::config::check(&config);
+            let report = hark::check::check(&config);
             for line in &report.problems {
                 println!("{line}");
             }
@@ -208,7 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tools { what: ToolsCommand::List { config } } => {
             let config = Config::load(&config)?;
             init_logging("warn");
-            let (set, _) = hark::config::load_tool_specs(&config).map_err(|p| anyhow::anyhow!("{}", p.join("\n")))?;
+            let (set, _) = hark::check::load_tool_specs(&config).map_err(|p| anyhow::anyhow!("{}", p.join("\n")))?;
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(async move {
                 let registry = set.start().await.map_err(|p| {

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use hark::model::{Backend, BackendEvent, FinishReason, GenerateRequest};
-use hark::server::protocol::{parse_client_event, to_wire, Dialect, ItemKind, ServerEvent};
+use hark::model::{Backend, BackendEvent, ChatMessage, FinishReason, GenerateRequest};
+use hark::protocol::{parse_client_event, to_wire, Dialect, ServerEvent};
 use hark::session::{Conversation, Session, SessionDeps, SessionInput};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -118,22 +118,37 @@ impl Driven {
     }
 }
 
+/// The answer of `call_id` arriving: a hark-run call's `mcp_call` item done with its
+/// output or error, or a `function_call_output` item for a client call.
 fn is_output_for(v: &Value, call_id: &str) -> bool {
-    v["type"] == "conversation.item.done" && v["item"]["type"] == "function_call_output" && v["item"]["call_id"] == call_id
+    v["type"] == "conversation.item.done"
+        && v["item"]["call_id"] == call_id
+        && (v["item"]["type"] == "function_call_output" || (v["item"]["type"] == "mcp_call" && (v["item"]["output"].is_string() || v["item"]["error"].is_object())))
 }
 
-/// Every call id in the conversation has exactly one output; returns id → output.
+/// The answer's text in such an event.
+fn answer_text(v: &Value) -> String {
+    let item = &v["item"];
+    item["output"].as_str().or(item["error"]["message"].as_str()).unwrap_or_default().to_string()
+}
+
+/// Every call in the conversation, as the model reads it, has exactly one answer;
+/// returns call id → the answer the model reads.
 fn one_answer_per_call(conv: &Conversation) -> HashMap<String, String> {
-    let items = conv.items();
-    let calls: Vec<String> = items.iter().filter(|i| i.kind == ItemKind::FunctionCall).map(|i| i.call_id.clone().unwrap()).collect();
+    let mut calls = Vec::new();
     let mut answers: HashMap<String, Vec<String>> = HashMap::new();
-    for i in items.iter().filter(|i| i.kind == ItemKind::FunctionCallOutput) {
-        answers.entry(i.call_id.clone().unwrap()).or_default().push(i.output.clone().unwrap());
+    for m in conv.to_messages() {
+        match m {
+            ChatMessage::Assistant { tool_calls, .. } => calls.extend(tool_calls.into_iter().map(|c| c.call_id)),
+            ChatMessage::Tool { call_id, output } => answers.entry(call_id).or_default().push(output),
+            _ => {}
+        }
     }
     for c in &calls {
         let n = answers.get(c).map_or(0, |a| a.len());
         assert_eq!(n, 1, "call {c} has {n} answers: {answers:?}");
     }
+    assert_eq!(answers.len(), calls.len(), "answers without calls: {answers:?}");
     answers.into_iter().map(|(k, mut v)| (k, v.remove(0))).collect()
 }
 
@@ -161,8 +176,15 @@ async fn parallel_calls_one_timing_out_are_each_answered_once_and_the_model_cont
     let mut d = Driven::start(s.state.deps.clone());
     ask(&mut d, "run both").await;
     let events = d.until(|v| v["type"] == "response.done" && v["response"]["output"][0]["type"] == "message").await;
-    let outputs: Vec<&Value> = events.iter().filter(|v| v["type"] == "conversation.item.done" && v["item"]["type"] == "function_call_output").collect();
+    // hark ran both tools: each is an mcp_call item, done with its answer, and the
+    // first response ended only once both were in.
+    let outputs: Vec<&Value> = events.iter().filter(|v| is_output_for(v, "call_echo") || is_output_for(v, "call_hang")).collect();
     assert_eq!(outputs.len(), 2, "{events:#?}");
+    assert!(!events.iter().any(|v| v["item"]["type"] == "function_call" || v["item"]["type"] == "function_call_output"), "{events:#?}");
+    let first_done = events.iter().find(|v| v["type"] == "response.done").unwrap();
+    let calls = first_done["response"]["output"].as_array().unwrap();
+    assert!(calls.iter().all(|c| c["type"] == "mcp_call" && c["server_label"] == "hark"), "{first_done}");
+    assert!(calls[1]["error"]["message"].as_str().unwrap().contains("timed out"), "{first_done}");
     let done = events.last().unwrap();
     assert_eq!(done["response"]["status"], "completed");
     // The follow-up request carried both results.
@@ -183,18 +205,22 @@ async fn barge_in_cancels_or_keeps_running_calls_per_tool() {
     model.push(calls_reply(&[("call_slow", "slow", r#"{"seconds": 15}"#), ("call_keep", "slow_keep", r#"{"seconds": 0.6}"#)]));
     let mut d = Driven::start(s.state.deps.clone());
     ask(&mut d, "run them").await;
-    d.until_type("response.done").await;
-    // The user speaks over the running calls.
+    // Both calls are running (the response waits for them) …
+    d.until(|v| v["type"] == "response.mcp_call.in_progress" && v["output_index"] == 1).await;
+    // … when the user speaks over them.
     for chunk in sine_pcm24(0.5, 440.0).chunks(960) {
         d.send(json!({"type": "input_audio_buffer.append", "audio": b64(chunk)})).await;
     }
     let events = d.until(|v| is_output_for(v, "call_slow")).await;
     assert!(events.iter().any(|v| v["type"] == "input_audio_buffer.speech_started"));
-    let cancelled = &events.last().unwrap()["item"]["output"];
-    assert!(cancelled.as_str().unwrap().contains("cancelled by user"), "{cancelled}");
+    let cancelled = answer_text(events.last().unwrap());
+    assert!(cancelled.contains("cancelled by user"), "{cancelled}");
+    let done = d.until_type("response.done").await;
+    let done = &done.last().unwrap()["response"];
+    assert_eq!((&done["status"], &done["status_details"]["reason"]), (&json!("cancelled"), &json!("turn_detected")));
     // The other tool runs on; its result joins the conversation for the next turn.
     let events = d.until(|v| is_output_for(v, "call_keep")).await;
-    assert!(events.last().unwrap()["item"]["output"].as_str().unwrap().contains("done"));
+    assert!(answer_text(events.last().unwrap()).contains("done"));
     assert!(!events.iter().any(|v| v["type"] == "response.created"), "no follow-up after a barge-in");
     let conv = d.finish().await;
     let answers = one_answer_per_call(&conv);
@@ -208,12 +234,31 @@ async fn a_client_leaving_mid_call_still_leaves_one_answer() {
     model.push(calls_reply(&[("call_slow", "slow", r#"{"seconds": 30}"#)]));
     let mut d = Driven::start(s.state.deps.clone());
     ask(&mut d, "take your time").await;
-    d.until_type("response.done").await;
+    d.until_type("response.mcp_call.in_progress").await;
     let conv = d.finish().await;
     let answers = one_answer_per_call(&conv);
     // The session did not wait for the 30 s tool: its answer is the session's, not a result.
     assert!(!answers["call_slow"].contains("\"result\""), "the session waited for the tool: {answers:?}");
     assert!(answers["call_slow"].contains("session ended"), "{answers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_while_the_model_writes_calls_leaves_them_answered() {
+    let model = ScriptedModel::start().await;
+    let s = setup(&model.base_url(), 60_000).await;
+    // The model writes a hark call and a client call, then stalls mid-response.
+    let chunks = vec![
+        json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_echo", "type": "function", "function": {"name": "echo", "arguments": "{\"text\": \"hi\"}"}}]}}]}),
+        json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "id": "call_client", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}}]}),
+    ];
+    model.push(Reply::StreamThenHang { chunks });
+    let mut d = Driven::start(s.state.deps.clone());
+    d.send(json!({"type": "session.update", "session": {"type": "realtime", "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]}})).await;
+    ask(&mut d, "go").await;
+    d.until(|v| v["type"] == "response.output_item.added" && v["item"]["name"] == "lookup").await;
+    let answers = one_answer_per_call(&d.finish().await);
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert!(answers.values().all(|a| a.contains("session ended")), "{answers:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,6 +307,7 @@ async fn client_declared_tools_are_awaited_answered_once_and_timed_out() {
     ask(&mut d, "look it up").await;
     let events = d.until_type("response.done").await;
     assert!(!events.iter().any(|v| v["item"]["type"] == "function_call_output"), "hark must not answer a client tool");
+    assert!(events.iter().any(|v| v["type"] == "response.output_item.done" && v["item"]["type"] == "function_call" && v["item"]["status"] == "completed"));
     // The client answers, once; a second answer is refused.
     let answer = json!({"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": "call_c1", "output": "{\"found\": true}"}});
     d.send(answer.clone()).await;
@@ -273,7 +319,7 @@ async fn client_declared_tools_are_awaited_answered_once_and_timed_out() {
     d.send(json!({"type": "response.create"})).await;
     d.until_type("response.done").await;
     let events = d.until(|v| is_output_for(v, "call_c2")).await;
-    assert!(events.last().unwrap()["item"]["output"].as_str().unwrap().contains("timed out"));
+    assert!(answer_text(events.last().unwrap()).contains("timed out"));
     let answers = one_answer_per_call(&d.finish().await);
     assert_eq!(answers["call_c1"], "{\"found\": true}");
 }
@@ -329,9 +375,10 @@ async fn embedded_grammar_tool_calls_go_through_the_same_dispatch() {
     let mut d = Driven::start(deps);
     ask(&mut d, "echo it").await;
     let events = d.until(|v| v["type"] == "response.done" && v["response"]["output"][0]["type"] == "message" && v["response"]["output"].as_array().unwrap().len() == 1).await;
-    let args: Vec<&Value> = events.iter().filter(|v| v["type"] == "response.function_call_arguments.done").collect();
+    let args: Vec<&Value> = events.iter().filter(|v| v["type"] == "response.mcp_call_arguments.done").collect();
     assert_eq!(args.len(), 2, "{events:#?}");
-    assert_eq!(args[0]["name"], "echo");
+    let first = events.iter().find(|v| v["type"] == "response.output_item.added" && v["item"]["type"] == "mcp_call").unwrap();
+    assert_eq!(first["item"]["name"], "echo");
     assert_eq!(serde_json::from_str::<Value>(args[0]["arguments"].as_str().unwrap()).unwrap(), json!({"text": "a } b, c: {d}"}));
     // The follow-up request carries the results; the declared tools reached the model.
     let requests = backend.requests.lock().unwrap().clone();
@@ -362,4 +409,28 @@ async fn sessions_pick_agents_and_unknown_ones_are_refused() {
     assert_eq!(names, ["echo", "slow", "slow_keep", "hang"]);
     assert!(req["messages"][0]["content"].as_str().unwrap().contains("You test tools."), "{req}");
     d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_conversation_is_the_servers_condition() {
+    let s = setup("http://127.0.0.1:9/v1", 60_000).await;
+    let base = &s.state.deps;
+    let deps = Arc::new(SessionDeps {
+        defaults: base.defaults.clone(),
+        backend: base.backend.clone(),
+        vad: base.vad.clone(),
+        max_buffer_seconds: base.max_buffer_seconds,
+        max_items: 3, // the agent's mcp_list_tools item, then two messages
+        retention: base.retention,
+        streaming_prefill: false,
+        tools: base.tools.clone(),
+        agents: base.agents.clone(),
+        client_tool_timeout: base.client_tool_timeout,
+    });
+    let mut d = Driven::start(deps);
+    for text in ["one", "two", "three"] {
+        d.send(json!({"type": "conversation.item.create", "event_id": text, "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})).await;
+    }
+    let err = d.until_type("error").await.pop().unwrap();
+    assert_eq!((&err["error"]["type"], &err["error"]["code"], &err["error"]["event_id"]), (&json!("server_error"), &json!("conversation_full"), &json!("three")));
 }

@@ -23,16 +23,27 @@ pub enum CodecError {
     Container(&'static str),
 }
 
-/// Recognises common audio file headers.
+/// Recognises common audio file headers. Each check needs more than a few magic
+/// bytes (raw audio can begin with `ID3` or `RIFF` by chance), so a match is a header
+/// in earnest: RIFF needs its `WAVE` form, ID3 its version, flags and sync-safe size,
+/// Ogg its zero stream version.
 fn sniff_container(bytes: &[u8]) -> Option<&'static str> {
-    const MAGIC: [(&[u8], &str); 6] = [
-        (b"RIFF", "WAV"),
-        (b"OggS", "Ogg"),
-        (b"fLaC", "FLAC"),
-        (b"ID3", "MP3"),
-        (&[0x1A, 0x45, 0xDF, 0xA3], "WebM/Matroska"),
-        (b"#!AMR", "AMR"),
-    ];
+    let at = |i: usize| bytes.get(i).copied();
+    if bytes.starts_with(b"RIFF") && bytes.get(8..12) == Some(b"WAVE") {
+        return Some("WAV");
+    }
+    if bytes.starts_with(b"ID3")
+        && matches!(at(3), Some(2..=4))
+        && at(4).is_some_and(|r| r != 0xFF)
+        && at(5).is_some_and(|f| f & 0x0F == 0)
+        && bytes.get(6..10).is_some_and(|size| size.iter().all(|b| b & 0x80 == 0))
+    {
+        return Some("MP3");
+    }
+    if bytes.starts_with(b"OggS") && at(4) == Some(0) {
+        return Some("Ogg");
+    }
+    const MAGIC: [(&[u8], &str); 3] = [(b"fLaC", "FLAC"), (&[0x1A, 0x45, 0xDF, 0xA3], "WebM/Matroska"), (b"#!AMR", "AMR")];
     MAGIC.iter().find(|(m, _)| bytes.starts_with(m)).map(|(_, name)| *name)
 }
 
@@ -131,6 +142,17 @@ mod tests {
         let wav = b"RIFF\x24\0\0\0WAVEfmt ";
         assert_eq!(AudioFormat::Pcm16 { rate: 24_000 }.decode(wav), Err(CodecError::Container("WAV")));
         assert_eq!(AudioFormat::Pcmu.decode(b"OggS\0\0"), Err(CodecError::Container("Ogg")));
+        let mp3 = b"ID3\x04\0\0\0\0\x01\x7f";
+        assert_eq!(AudioFormat::Pcm16 { rate: 24_000 }.decode(mp3), Err(CodecError::Container("MP3")));
+    }
+
+    #[test]
+    fn raw_audio_that_starts_like_a_header_is_audio() {
+        // "ID3" then samples: as 16-bit PCM, 0x4449 0x??33 …, plausible speech.
+        let raw = b"ID3\x90\xff\x10\x80\x80\x01\x02";
+        assert_eq!(AudioFormat::Pcm16 { rate: 24_000 }.decode(raw).map(|s| s.len()), Ok(5));
+        assert_eq!(AudioFormat::Pcmu.decode(b"RIFFabcdxyzw").map(|s| s.len()), Ok(12));
+        assert_eq!(AudioFormat::Pcma.decode(b"OggS\x05").map(|s| s.len()), Ok(5));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! [`AudioPipeline`] strings them together for one stream.
 
 pub mod chunk;
+pub mod clip;
 pub mod codec;
 pub mod frame;
 pub mod pipeline;

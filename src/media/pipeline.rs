@@ -94,6 +94,14 @@ impl AudioPipeline {
         Ok(out)
     }
 
+    /// Starts the resampler afresh after a [`Self::flush`]: the flush zero-padded its
+    /// last block, and audio after it must not be filtered together with that padding.
+    /// The stream position carries on.
+    pub fn restart_resampler(&mut self) -> Result<(), PipelineError> {
+        self.resampler = StreamResampler::new(self.format.sample_rate())?;
+        Ok(())
+    }
+
     fn process_16k(&mut self, out: &mut PipelineOutput) -> Result<(), PipelineError> {
         self.position += out.samples.len() as u64;
         out.frames = self.chunker.push(&out.samples);

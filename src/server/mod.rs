@@ -3,7 +3,8 @@
 //! `serve` runs until the shutdown token fires, then gives open sessions
 //! `shutdown_grace_ms` to send their final event and close.
 
-pub mod protocol;
+pub mod access;
+pub mod chat;
 pub mod realtime;
 
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub sessions: TaskTracker,
     pub session_slots: Arc<Semaphore>,
+    pub origins: Arc<access::OriginPolicy>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {
@@ -44,7 +47,7 @@ impl AppState {
     /// servers are started). Fails with a message that says what is missing and how to
     /// get it; bad tool or agent YAML fails with every problem as `file:line: field: …`.
     pub async fn from_config(config: Config) -> anyhow::Result<Self> {
-        let (tool_set, _) = crate::config::load_tool_specs(&config).map_err(|p| anyhow::anyhow!("{}", p.join("\n")))?;
+        let (tool_set, _) = crate::check::load_tool_specs(&config).map_err(|p| anyhow::anyhow!("{}", p.join("\n")))?;
         let tools = tool_set.start().await.map_err(|p| {
             anyhow::anyhow!("{}", p.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
         })?;
@@ -88,6 +91,8 @@ impl AppState {
         };
         Ok(Self {
             session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),
+            origins: Arc::new(access::OriginPolicy::new(&config.server.allowed_origins)),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
             config: Arc::new(config),
             deps: Arc::new(deps),
             shutdown: CancellationToken::new(),
@@ -136,11 +141,20 @@ pub fn resolve_secret(value: &str) -> anyhow::Result<String> {
 }
 
 pub fn router(state: AppState) -> Router {
+    // The API needs a key when keys are configured; the page and health checks do not.
+    let api = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", axum::routing::post(chat::completions))
+        .route("/v1/realtime", get(realtime::upgrade))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access::check_key));
     Router::new()
         .route("/", get(index))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/v1/models", get(models))
-        .route("/v1/realtime", get(realtime::upgrade))
+        .route("/readyz", get(readyz))
+        .merge(api)
+        .layer(axum::extract::DefaultBodyLimit::max(state.config.server.max_request_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access::check_origin))
         .with_state(state)
 }
 
@@ -148,11 +162,35 @@ async fn index() -> &'static str {
     "hark is running. Connect a Realtime client to ws://HOST:PORT/v1/realtime\n"
 }
 
+/// The Prometheus text exposition of [`crate::metrics::Metrics`].
+async fn metrics(axum::extract::State(st): axum::extract::State<AppState>) -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render())
+}
+
+/// Ready to serve: the model is loaded and the tools started (both happen before the
+/// server listens), and the daemon is not shutting down.
+async fn readyz(axum::extract::State(st): axum::extract::State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = json!({
+        "status": if st.shutdown.is_cancelled() { "shutting_down" } else { "ready" },
+        "backend": st.deps.backend.name(),
+        "tools": st.deps.tools.names().len(),
+        "sessions": st.metrics.sessions_active.get(),
+    });
+    let status = if st.shutdown.is_cancelled() { axum::http::StatusCode::SERVICE_UNAVAILABLE } else { axum::http::StatusCode::OK };
+    (status, Json(body)).into_response()
+}
+
+/// What `model` accepts: the configured model name, and each agent (which brings its
+/// instructions to chat completions and everything else to Realtime sessions).
 async fn models(axum::extract::State(st): axum::extract::State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{"id": st.deps.defaults.model, "object": "model", "owned_by": "hark", "backend": st.deps.backend.name()}],
-    }))
+    let mut data = vec![json!({"id": st.deps.defaults.model, "object": "model", "created": 0, "owned_by": "hark", "backend": st.deps.backend.name()})];
+    for name in st.deps.agents.names() {
+        if name != st.deps.defaults.model {
+            data.push(json!({"id": name, "object": "model", "created": 0, "owned_by": "hark", "agent": true}));
+        }
+    }
+    Json(json!({"object": "list", "data": data}))
 }
 
 /// Binds the configured address.

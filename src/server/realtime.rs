@@ -5,6 +5,8 @@
 //! dialect. Authentication and limits are checked before the upgrade.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
@@ -16,7 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::protocol::{parse_client_event, to_wire, Dialect, ProtocolError, ServerEvent};
+use crate::protocol::{parse_client_event, to_wire, Dialect, ProtocolError, ServerEvent};
 use super::AppState;
 use crate::session::{Session, SessionInput};
 
@@ -42,9 +44,6 @@ pub async fn upgrade(
         .flat_map(|v| v.split(','))
         .map(|s| s.trim().to_string())
         .collect();
-    if !authorized(&st.config.server.api_keys, &headers, &offered) {
-        return (StatusCode::UNAUTHORIZED, Json(json!({"error": {"type": "invalid_request_error", "code": "invalid_api_key", "message": "Missing or invalid API key."}}))).into_response();
-    }
     let beta_header = headers
         .get_all("openai-beta")
         .iter()
@@ -69,19 +68,6 @@ pub async fn upgrade(
     })
 }
 
-fn authorized(keys: &[String], headers: &HeaderMap, offered: &[String]) -> bool {
-    if keys.is_empty() {
-        return true;
-    }
-    let bearer = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let sub = offered.iter().find_map(|p| p.strip_prefix("openai-insecure-api-key."));
-    [bearer, sub].into_iter().flatten().any(|k| keys.iter().any(|key| key == k))
-}
-
 async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dialect: Dialect) {
     let (mut sink, mut stream) = socket.split();
     let (in_tx, in_rx) = mpsc::channel::<SessionInput>(256);
@@ -90,15 +76,23 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
     let shutdown = st.shutdown.child_token();
     let session_task = tokio::spawn(session.run(in_rx, out_tx, shutdown.clone()));
 
+    // 1001 (going away) unless the reader saw why else the session ends.
+    let close_code = Arc::new(AtomicU16::new(1001));
+    let code = close_code.clone();
+    let metrics = st.metrics.clone();
     let writer = tokio::spawn(async move {
+        let mut observer = crate::metrics::EventObserver::new(&metrics);
         while let Some(ev) = out_rx.recv().await {
+            observer.observe(&ev);
             let Some(text) = to_wire(&ev, dialect) else { continue };
             if sink.send(Message::text(text)).await.is_err() {
                 return;
             }
         }
         // The session ended (client gone or shutdown): say goodbye properly.
-        let _ = sink.send(Message::Close(Some(CloseFrame { code: 1001, reason: "session closed".into() }))).await;
+        let code = code.load(Ordering::Relaxed);
+        let reason = if code == 1009 { "message too big" } else { "session closed" };
+        let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
         let _ = sink.close().await;
     });
 
@@ -110,7 +104,14 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
         let input = match msg {
             None | Some(Ok(Message::Close(_))) => break,
             Some(Err(e)) => {
-                tracing::debug!("websocket read failed: {e}");
+                // axum hides tungstenite's error type, so its capacity error is known
+                // by its text ("Space limit exceeded: Message too long: …").
+                if e.to_string().contains("Message too long") {
+                    close_code.store(1009, Ordering::Relaxed);
+                    tracing::info!("closing a session: {e} (server.max_message_bytes)");
+                } else {
+                    tracing::debug!("websocket read failed: {e}");
+                }
                 break;
             }
             Some(Ok(Message::Text(text))) => match parse_client_event(text.as_str()) {

@@ -9,7 +9,58 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+
+use crate::protocol::Item;
+use crate::tools::registry::{OutcomeKind, ToolOutcome};
+
+/// A call's one answer: the tool's result, or why there is none.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallAnswer {
+    /// The tool's output (JSON or plain text).
+    Result(String),
+    /// Why the call has no result: the tool failed, timed out, was cancelled, …
+    Error(String),
+}
+
+impl CallAnswer {
+    pub fn from_outcome(o: &ToolOutcome) -> Self {
+        match o.kind {
+            OutcomeKind::Ok => CallAnswer::Result(o.output.clone()),
+            _ => CallAnswer::Error(o.output.clone()),
+        }
+    }
+
+    /// As the model reads it: `{"result": …}` (the output itself when it is JSON) or
+    /// `{"error": "…"}`.
+    pub fn for_model(&self) -> String {
+        match self {
+            CallAnswer::Result(out) => {
+                let value = serde_json::from_str::<Value>(out).unwrap_or_else(|_| Value::String(out.clone()));
+                json!({ "result": value }).to_string()
+            }
+            CallAnswer::Error(msg) => json!({ "error": msg }).to_string(),
+        }
+    }
+
+    /// Writes the answer into an `mcp_call` item (`output`, or `error` as the
+    /// protocol's `tool_execution_error`).
+    pub fn fill(&self, item: &mut Item) {
+        match self {
+            CallAnswer::Result(out) => item.output = Some(out.clone()),
+            CallAnswer::Error(msg) => item.error = Some(json!({"type": "tool_execution_error", "message": msg})),
+        }
+    }
+
+    /// The answer an `mcp_call` item holds, if it has one yet.
+    pub fn of_item(item: &Item) -> Option<Self> {
+        if let Some(err) = &item.error {
+            return Some(CallAnswer::Error(err.get("message").and_then(Value::as_str).unwrap_or("failed").to_string()));
+        }
+        item.output.clone().map(CallAnswer::Result)
+    }
+}
 
 /// Who answers a call.
 #[derive(Debug, Clone)]
@@ -35,17 +86,26 @@ pub enum Unanswered {
     ClientTimeout,
     /// The session ended.
     SessionEnded,
+    /// The response hit its token limit before the model finished writing the call.
+    TokenLimit,
+    /// The model failed before it finished the call.
+    BackendFailed,
+    /// The response was cancelled (by the client, or the backend) before the call was complete.
+    ResponseCancelled,
 }
 
 impl Unanswered {
-    /// The output the model sees for the call.
-    pub fn output(self) -> String {
+    /// The call's answer.
+    pub fn answer(self) -> CallAnswer {
         let msg = match self {
             Unanswered::Interrupted => "cancelled by user: the user interrupted before the tool finished",
             Unanswered::ClientTimeout => "timed out: the client did not return a result in time",
             Unanswered::SessionEnded => "cancelled: the session ended before the tool finished",
+            Unanswered::TokenLimit => "not run: the response reached its token limit before the call was complete",
+            Unanswered::BackendFailed => "not run: the model failed before the call was complete",
+            Unanswered::ResponseCancelled => "not run: the response was cancelled before the call was complete",
         };
-        serde_json::json!({ "error": msg }).to_string()
+        CallAnswer::Error(msg.into())
     }
 }
 
@@ -85,6 +145,11 @@ impl CallLedger {
 
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
+    }
+
+    /// Calls the client has yet to answer.
+    pub fn client_calls_pending(&self) -> usize {
+        self.pending.values().filter(|c| matches!(c.answerer, Answerer::Client { .. })).count()
     }
 
     /// Barge-in: cancels the server calls that want it and returns their ids (to be

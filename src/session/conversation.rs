@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use crate::context::{WindowItem, WindowItemKind};
 use crate::model::{ChatMessage, ToolCall, UserPart};
-use crate::server::protocol::{Item, ItemKind, Role};
+use super::calls::CallAnswer;
+use crate::protocol::{Item, ItemKind, Role};
 
 /// Media behind one content part; the wire [`Item`] never carries it.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +106,11 @@ impl Conversation {
         self.items.iter().position(|i| i.item.id == id)
     }
 
+    /// The `mcp_call` item of the model's call `call_id`.
+    pub fn mcp_call_mut(&mut self, call_id: &str) -> Option<&mut ConversationItem> {
+        self.items.iter_mut().find(|ci| ci.item.kind == ItemKind::McpCall && ci.item.call_id.as_deref() == Some(call_id))
+    }
+
     /// The conversation as chat messages for a backend. A function call joins the
     /// assistant message before it, as chat-completions servers expect.
     pub fn to_messages(&self) -> Vec<ChatMessage> {
@@ -142,8 +148,14 @@ impl Conversation {
 
 fn chat_messages<'a>(items: impl Iterator<Item = &'a ConversationItem>) -> Vec<ChatMessage> {
     let mut out: Vec<ChatMessage> = Vec::new();
+    // Answers of `mcp_call` items, held back until the calls written beside them are
+    // all in the assistant message (the model wrote them together).
+    let mut answers: Vec<ChatMessage> = Vec::new();
     for ci in items {
         let it = &ci.item;
+        if !matches!(it.kind, ItemKind::FunctionCall | ItemKind::McpCall) {
+            out.append(&mut answers);
+        }
         match it.kind {
             ItemKind::Message => {
                 let parts = it.content.as_deref().unwrap_or_default();
@@ -175,7 +187,10 @@ fn chat_messages<'a>(items: impl Iterator<Item = &'a ConversationItem>) -> Vec<C
                     }
                 }
             }
-            ItemKind::FunctionCall => {
+            ItemKind::FunctionCall | ItemKind::McpCall => {
+                if let Some(answer) = (it.kind == ItemKind::McpCall).then(|| CallAnswer::of_item(it)).flatten() {
+                    answers.push(ChatMessage::Tool { call_id: it.call_id.clone().unwrap_or_default(), output: answer.for_model() });
+                }
                 let call = ToolCall {
                     call_id: it.call_id.clone().unwrap_or_default(),
                     name: it.name.clone().unwrap_or_default(),
@@ -190,30 +205,22 @@ fn chat_messages<'a>(items: impl Iterator<Item = &'a ConversationItem>) -> Vec<C
                 call_id: it.call_id.clone().unwrap_or_default(),
                 output: it.output.clone().unwrap_or_default(),
             }),
+            // The model has the tools in its prompt already.
+            ItemKind::McpListTools => {}
         }
     }
+    out.append(&mut answers);
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::protocol::{ContentPart, ItemStatus};
+    use crate::protocol::{ContentPart, ItemStatus};
 
     fn msg(id: &str, role: Role, text: &str) -> ConversationItem {
         ConversationItem {
-            item: Item {
-                id: id.into(),
-                object: "realtime.item",
-                kind: ItemKind::Message,
-                status: ItemStatus::Completed,
-                role: Some(role),
-                content: Some(vec![ContentPart::input_text(text)]),
-                call_id: None,
-                name: None,
-                arguments: None,
-                output: None,
-            },
+            item: Item::message(id, ItemStatus::Completed, role, vec![ContentPart::input_text(text)]),
             payloads: vec![Payload::None],
             pinned: false,
         }

@@ -4,13 +4,22 @@
 //! → content part / argument deltas → `…done` events → `response.done`. Every started
 //! response ends with exactly one `response.done`, whether it completes, fails or is
 //! cancelled.
+//!
+//! Calls of tools the client declared are `function_call` items, done when the model
+//! has written them. Calls hark answers itself (its YAML and MCP tools, and tools no
+//! one has) are `mcp_call` items: the response stays open while they run
+//! ([`Step::AwaitingTools`]) and each item is done when its output is in, so that
+//! `response.done` carries every result and clients never try to run hark's tools.
+
+use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::calls::CallAnswer;
 use super::conversation::{Conversation, ConversationItem, Payload};
-use crate::model::{BackendError, BackendEvent, FinishReason, TokenUsage};
-use crate::server::protocol::{
+use crate::model::{BackendEvent, FinishReason, TokenUsage};
+use crate::protocol::{
     new_id, ContentPart, Item, ItemKind, ItemStatus, MaxTokens, ResponseInfo, ResponseStatus, Role, ServerEvent, Usage,
 };
 
@@ -23,6 +32,8 @@ pub enum CancelReason {
     ClientCancelled,
     /// The daemon is stopping or the client went away.
     Shutdown,
+    /// The backend stopped the generation on its own.
+    Backend,
 }
 
 impl CancelReason {
@@ -31,13 +42,49 @@ impl CancelReason {
             CancelReason::TurnDetected => "turn_detected",
             CancelReason::ClientCancelled => "client_cancelled",
             CancelReason::Shutdown => "server_shutdown",
+            CancelReason::Backend => "backend_cancelled",
         }
     }
 }
 
+/// Who answers each tool the model may call in one response.
+#[derive(Debug, Clone, Default)]
+pub struct ToolRouting {
+    /// Declared by the client (in the session or in this `response.create`): the
+    /// client runs them and answers with `function_call_output`.
+    pub client: HashSet<String>,
+    /// hark's own tools → `server_label` (`hark`, or the MCP server's name).
+    pub hark: HashMap<String, String>,
+}
+
+impl ToolRouting {
+    /// `None` for a client tool; otherwise the label of the tool set hark answers for
+    /// (`hark` also for names no one has: hark answers those with an error).
+    pub fn server_label(&self, name: &str) -> Option<&str> {
+        if self.client.contains(name) {
+            return None;
+        }
+        Some(self.hark.get(name).map_or("hark", String::as_str))
+    }
+}
+
+/// Where a response stands after a backend event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The model is still generating.
+    Generating,
+    /// The model is done; the hark-run calls it made are running. The response ends
+    /// (`response.done`) when the last of them is answered.
+    AwaitingTools,
+    /// `response.done` was sent.
+    Done,
+}
+
 enum Output {
     Message { item: Item, text: String, open: bool },
-    Call { item: Item, backend_index: usize, args: String, open: bool },
+    /// A `function_call` or `mcp_call` item (`item.kind` says which). `open`: the model
+    /// is still writing its arguments; `answered`: an `mcp_call`'s output is in.
+    Call { item: Item, backend_index: usize, args: String, open: bool, answered: bool },
 }
 
 pub struct ResponseRun {
@@ -50,6 +97,12 @@ pub struct ResponseRun {
     metadata: Option<Value>,
     outputs: Vec<Output>,
     text_output: Option<usize>,
+    routing: ToolRouting,
+    conversation_id: String,
+    /// What `response.done` says (set when the model's part ends).
+    finish: Option<(ResponseStatus, Option<Value>, Option<TokenUsage>)>,
+    /// `response.done` was sent.
+    done: bool,
 }
 
 impl ResponseRun {
@@ -58,6 +111,8 @@ impl ResponseRun {
         modalities: Vec<String>,
         max_output_tokens: MaxTokens,
         metadata: Option<Value>,
+        routing: ToolRouting,
+        conversation_id: String,
         events: &mut Vec<ServerEvent>,
     ) -> Self {
         let run = Self {
@@ -69,6 +124,10 @@ impl ResponseRun {
             metadata,
             outputs: Vec::new(),
             text_output: None,
+            routing,
+            conversation_id,
+            finish: None,
+            done: false,
         };
         events.push(ServerEvent::ResponseCreated { response: run.info(ResponseStatus::InProgress, None, None) });
         run
@@ -81,14 +140,14 @@ impl ResponseRun {
             status,
             status_details: details,
             output: self.outputs.iter().map(|o| self.item_of(o).clone()).collect(),
-            conversation_id: self.in_conversation.then(|| "conv_default".to_string()),
+            conversation_id: self.in_conversation.then(|| self.conversation_id.clone()),
             output_modalities: self.modalities.clone(),
             max_output_tokens: self.max_output_tokens.clone(),
             usage: usage.map(|u| Usage {
                 total_tokens: u.input_tokens + u.output_tokens,
                 input_tokens: u.input_tokens,
                 output_tokens: u.output_tokens,
-                input_token_details: crate::server::protocol::InputTokenDetails { cached_tokens: u.cached_input_tokens },
+                input_token_details: crate::protocol::InputTokenDetails { cached_tokens: u.cached_input_tokens },
             }),
             metadata: self.metadata.clone(),
         }
@@ -100,8 +159,8 @@ impl ResponseRun {
         }
     }
 
-    /// Feeds one backend event. Returns `true` when the response is over.
-    pub fn on_backend_event(&mut self, ev: BackendEvent, conv: &mut Conversation, events: &mut Vec<ServerEvent>) -> bool {
+    /// Feeds one backend event.
+    pub fn on_backend_event(&mut self, ev: BackendEvent, conv: &mut Conversation, events: &mut Vec<ServerEvent>) -> Step {
         match ev {
             BackendEvent::TextDelta(delta) => {
                 let idx = match self.text_output {
@@ -119,24 +178,17 @@ impl ResponseRun {
                         delta,
                     });
                 }
-                false
+                Step::Generating
             }
             BackendEvent::ToolCallStart { index, call_id, name } => {
                 self.close_text(ItemStatus::Completed, conv, events);
-                let item = Item {
-                    id: new_id("item"),
-                    object: "realtime.item",
-                    kind: ItemKind::FunctionCall,
-                    status: ItemStatus::InProgress,
-                    role: None,
-                    content: None,
-                    call_id: Some(call_id),
-                    name: Some(name),
-                    arguments: Some(String::new()),
-                    output: None,
+                let item = match self.routing.server_label(&name) {
+                    None => Item::function_call(new_id("item"), ItemStatus::InProgress, call_id, name, String::new()),
+                    Some(label) => Item::mcp_call(new_id("item"), label.to_string(), call_id, name, String::new()),
                 };
-                self.add_output(Output::Call { item, backend_index: index, args: String::new(), open: true }, conv, events);
-                false
+                let out = Output::Call { item, backend_index: index, args: String::new(), open: true, answered: false };
+                self.add_output(out, conv, events);
+                Step::Generating
             }
             BackendEvent::ToolCallArgumentsDelta { index, delta } => {
                 let response_id = self.id.clone();
@@ -147,19 +199,23 @@ impl ResponseRun {
                     .find(|(_, o)| matches!(o, Output::Call { backend_index, open: true, .. } if *backend_index == index))
                 {
                     args.push_str(&delta);
-                    events.push(ServerEvent::ResponseFunctionCallArgumentsDelta {
-                        response_id,
-                        item_id: item.id.clone(),
-                        output_index: pos as u32,
-                        call_id: item.call_id.clone().unwrap_or_default(),
-                        delta,
+                    let (item_id, output_index) = (item.id.clone(), pos as u32);
+                    events.push(match item.kind {
+                        ItemKind::McpCall => ServerEvent::ResponseMcpCallArgumentsDelta { response_id, item_id, output_index, delta },
+                        _ => ServerEvent::ResponseFunctionCallArgumentsDelta {
+                            response_id,
+                            item_id,
+                            output_index,
+                            call_id: item.call_id.clone().unwrap_or_default(),
+                            delta,
+                        },
                     });
                 }
-                false
+                Step::Generating
             }
             BackendEvent::Done { finish: FinishReason::Cancelled, .. } => {
-                self.finish_cancelled(CancelReason::ClientCancelled, conv, events);
-                true
+                self.stop(CancelReason::Backend, conv, events);
+                self.conclude(events)
             }
             BackendEvent::Done { finish, usage } => {
                 let item_status = if finish == FinishReason::Length { ItemStatus::Incomplete } else { ItemStatus::Completed };
@@ -170,14 +226,96 @@ impl ResponseRun {
                     }
                     _ => (ResponseStatus::Completed, None),
                 };
-                events.push(ServerEvent::ResponseDone { response: self.info(status, details, usage) });
-                true
+                self.finish = Some((status, details, usage));
+                self.conclude(events)
             }
             BackendEvent::Error(err) => {
-                self.finish_failed(&err, conv, events);
-                true
+                self.close_all(ItemStatus::Incomplete, conv, events);
+                events.push(ServerEvent::server_error(err.code(), err.to_string(), None));
+                let details = json!({"type": "failed", "error": {"type": "server_error", "code": err.code(), "message": err.to_string()}});
+                self.finish = Some((ResponseStatus::Failed, Some(details), None));
+                self.conclude(events)
             }
         }
+    }
+
+    /// The model is done: the response ends now, or once its hark-run calls are answered.
+    fn conclude(&mut self, events: &mut Vec<ServerEvent>) -> Step {
+        if self.calls_running() > 0 {
+            return Step::AwaitingTools;
+        }
+        self.finish_done(events);
+        Step::Done
+    }
+
+    /// How the model's part ended, once it has (`None` while generating).
+    pub fn outcome(&self) -> Option<ResponseStatus> {
+        self.finish.as_ref().map(|f| f.0)
+    }
+
+    /// Puts the answer of a hark-run call into its `mcp_call` item and finishes the
+    /// item. `false`: the call is not an unanswered call of this response.
+    pub fn answer_mcp(&mut self, call_id: &str, answer: &CallAnswer, conv: &mut Conversation, events: &mut Vec<ServerEvent>) -> bool {
+        let Some(idx) = self.outputs.iter().position(|o| {
+            matches!(o, Output::Call { item, answered: false, .. } if item.kind == ItemKind::McpCall && item.call_id.as_deref() == Some(call_id))
+        }) else {
+            return false;
+        };
+        let Output::Call { item, answered, .. } = &mut self.outputs[idx] else { return false };
+        *answered = true;
+        if item.status == ItemStatus::InProgress {
+            item.status = ItemStatus::Completed;
+        }
+        answer.fill(item);
+        let done = item.clone();
+        let (item_id, output_index) = (done.id.clone(), idx as u32);
+        events.push(match answer {
+            CallAnswer::Result(_) => ServerEvent::ResponseMcpCallCompleted { item_id, output_index },
+            CallAnswer::Error(_) => ServerEvent::ResponseMcpCallFailed { item_id, output_index },
+        });
+        events.push(ServerEvent::ResponseOutputItemDone { response_id: self.id.clone(), output_index, item: done.clone() });
+        if self.in_conversation {
+            if let Some(ci) = conv.get_mut(&done.id) {
+                ci.item = done.clone();
+                events.push(ServerEvent::ConversationItemDone { previous_item_id: None, item: done });
+            }
+        }
+        true
+    }
+
+    /// Whether `item_id` is one of this response's output items.
+    pub fn has_output(&self, item_id: &str) -> bool {
+        self.outputs.iter().any(|o| self.item_of(o).id == item_id)
+    }
+
+    pub fn in_conversation(&self) -> bool {
+        self.in_conversation
+    }
+
+    /// hark-run calls of this response still without an answer.
+    pub fn calls_running(&self) -> usize {
+        self.outputs.iter().filter(|o| matches!(o, Output::Call { item, answered: false, .. } if item.kind == ItemKind::McpCall)).count()
+    }
+
+    /// The model finished and hark-run calls are still running.
+    pub fn awaiting_tools(&self) -> bool {
+        self.finish.is_some() && !self.done
+    }
+
+    /// Whether the client runs any call of this response (then the client, not hark,
+    /// creates the next response once it has answered).
+    pub fn has_client_calls(&self) -> bool {
+        self.outputs.iter().any(|o| matches!(o, Output::Call { item, .. } if item.kind == ItemKind::FunctionCall))
+    }
+
+    /// `response.done` for a response whose calls are all answered.
+    pub fn finish_done(&mut self, events: &mut Vec<ServerEvent>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let (status, details, usage) = self.finish.clone().unwrap_or((ResponseStatus::Completed, None, None));
+        events.push(ServerEvent::ResponseDone { response: self.info(status, details, usage) });
     }
 
     /// The function calls this response put in the conversation (none for an
@@ -195,34 +333,18 @@ impl ResponseRun {
             .collect()
     }
 
-    /// Ends the response early: open items become `incomplete`.
-    pub fn finish_cancelled(&mut self, reason: CancelReason, conv: &mut Conversation, events: &mut Vec<ServerEvent>) {
+    /// Cuts the response short: the backend stops, open items become `incomplete`,
+    /// and `response.done` will say `cancelled` for `reason`. The caller answers the
+    /// calls that will not run, then calls [`Self::finish_done`].
+    pub fn stop(&mut self, reason: CancelReason, conv: &mut Conversation, events: &mut Vec<ServerEvent>) {
         self.cancel.cancel();
         self.close_all(ItemStatus::Incomplete, conv, events);
-        let details = json!({"type": "cancelled", "reason": reason.as_str()});
-        events.push(ServerEvent::ResponseDone { response: self.info(ResponseStatus::Cancelled, Some(details), None) });
-    }
-
-    fn finish_failed(&mut self, err: &BackendError, conv: &mut Conversation, events: &mut Vec<ServerEvent>) {
-        self.close_all(ItemStatus::Incomplete, conv, events);
-        events.push(ServerEvent::server_error(err.code(), err.to_string(), None));
-        let details = json!({"type": "failed", "error": {"type": "server_error", "code": err.code(), "message": err.to_string()}});
-        events.push(ServerEvent::ResponseDone { response: self.info(ResponseStatus::Failed, Some(details), None) });
+        let usage = self.finish.take().and_then(|f| f.2);
+        self.finish = Some((ResponseStatus::Cancelled, Some(json!({"type": "cancelled", "reason": reason.as_str()})), usage));
     }
 
     fn open_message(&mut self, conv: &mut Conversation, events: &mut Vec<ServerEvent>) -> usize {
-        let item = Item {
-            id: new_id("item"),
-            object: "realtime.item",
-            kind: ItemKind::Message,
-            status: ItemStatus::InProgress,
-            role: Some(Role::Assistant),
-            content: Some(Vec::new()),
-            call_id: None,
-            name: None,
-            arguments: None,
-            output: None,
-        };
+        let item = Item::message(new_id("item"), ItemStatus::InProgress, Role::Assistant, Vec::new());
         let item_id = item.id.clone();
         let idx = self.add_output(Output::Message { item, text: String::new(), open: true }, conv, events);
         events.push(ServerEvent::ResponseContentPartAdded {
@@ -292,6 +414,27 @@ impl ResponseRun {
                 item.content = Some(vec![ContentPart::output_text(text.clone())]);
                 item.clone()
             }
+            Output::Call { item, args, open, .. } if item.kind == ItemKind::McpCall => {
+                if !*open {
+                    return;
+                }
+                *open = false;
+                item.arguments = Some(args.clone());
+                if status == ItemStatus::Completed {
+                    let item_id = item.id.clone();
+                    events.push(ServerEvent::ResponseMcpCallArgumentsDone {
+                        response_id,
+                        item_id: item_id.clone(),
+                        output_index,
+                        arguments: args.clone(),
+                    });
+                    events.push(ServerEvent::ResponseMcpCallInProgress { item_id, output_index });
+                } else {
+                    item.status = status;
+                }
+                // Done once answered (see `answer_mcp`).
+                return;
+            }
             Output::Call { item, args, open, .. } => {
                 if !*open {
                     return;
@@ -335,16 +478,18 @@ mod tests {
     fn text_then_tool_call_sequence() {
         let mut conv = Conversation::new(100);
         let mut ev = Vec::new();
-        let mut run = ResponseRun::start(true, vec!["text".into()], MaxTokens::Inf("inf".into()), None, &mut ev);
+        let client = ToolRouting { client: ["f".to_string()].into(), ..Default::default() };
+        let mut run = ResponseRun::start(true, vec!["text".into()], MaxTokens::Inf("inf".into()), None, client, "conv_t".into(), &mut ev);
         for e in [
             BackendEvent::TextDelta("Hel".into()),
             BackendEvent::TextDelta("lo".into()),
             BackendEvent::ToolCallStart { index: 0, call_id: "c1".into(), name: "f".into() },
             BackendEvent::ToolCallArgumentsDelta { index: 0, delta: "{}".into() },
         ] {
-            assert!(!run.on_backend_event(e, &mut conv, &mut ev));
+            assert_eq!(run.on_backend_event(e, &mut conv, &mut ev), Step::Generating);
         }
-        assert!(run.on_backend_event(BackendEvent::Done { finish: FinishReason::ToolCalls, usage: None }, &mut conv, &mut ev));
+        let done = BackendEvent::Done { finish: FinishReason::ToolCalls, usage: None };
+        assert_eq!(run.on_backend_event(done, &mut conv, &mut ev), Step::Done);
         assert_eq!(
             names(&ev),
             [
@@ -378,9 +523,11 @@ mod tests {
     fn cancel_marks_items_incomplete_and_ends_once() {
         let mut conv = Conversation::new(100);
         let mut ev = Vec::new();
-        let mut run = ResponseRun::start(true, vec!["text".into()], MaxTokens::Count(10), None, &mut ev);
+        let mut run = ResponseRun::start(true, vec!["text".into()], MaxTokens::Count(10), None, ToolRouting::default(), "conv_t".into(), &mut ev);
         run.on_backend_event(BackendEvent::TextDelta("a".into()), &mut conv, &mut ev);
-        run.finish_cancelled(CancelReason::TurnDetected, &mut conv, &mut ev);
+        run.stop(CancelReason::TurnDetected, &mut conv, &mut ev);
+        run.finish_done(&mut ev);
+        run.finish_done(&mut ev);
         assert!(run.cancel.is_cancelled());
         let dones: Vec<_> = ev.iter().filter(|e| matches!(e, ServerEvent::ResponseDone { .. })).collect();
         assert_eq!(dones.len(), 1);
@@ -388,5 +535,42 @@ mod tests {
         assert_eq!(response.status, ResponseStatus::Cancelled);
         assert_eq!(response.status_details.as_ref().unwrap()["reason"], "turn_detected");
         assert_eq!(response.output[0].status, ItemStatus::Incomplete);
+    }
+
+    #[test]
+    fn hark_run_calls_are_mcp_calls_and_the_response_waits_for_them() {
+        let mut conv = Conversation::new(100);
+        let mut ev = Vec::new();
+        let routing = ToolRouting { hark: [("calc".to_string(), "hark".to_string())].into(), ..Default::default() };
+        let mut run = ResponseRun::start(true, vec!["text".into()], MaxTokens::Count(10), None, routing, "conv_t".into(), &mut ev);
+        run.on_backend_event(BackendEvent::ToolCallStart { index: 0, call_id: "c1".into(), name: "calc".into() }, &mut conv, &mut ev);
+        run.on_backend_event(BackendEvent::ToolCallArgumentsDelta { index: 0, delta: "{\"x\":1}".into() }, &mut conv, &mut ev);
+        let done = BackendEvent::Done { finish: FinishReason::ToolCalls, usage: None };
+        assert_eq!(run.on_backend_event(done, &mut conv, &mut ev), Step::AwaitingTools);
+        assert_eq!(
+            names(&ev),
+            [
+                "response.created",
+                "response.output_item.added",
+                "conversation.item.added",
+                "response.mcp_call_arguments.delta",
+                "response.mcp_call_arguments.done",
+                "response.mcp_call.in_progress",
+            ]
+        );
+        assert_eq!((run.calls_running(), run.has_client_calls()), (1, false));
+        ev.clear();
+        assert!(!run.answer_mcp("other", &CallAnswer::Result("1".into()), &mut conv, &mut ev));
+        assert!(run.answer_mcp("c1", &CallAnswer::Result("42".into()), &mut conv, &mut ev));
+        assert!(!run.answer_mcp("c1", &CallAnswer::Result("43".into()), &mut conv, &mut ev), "answered once");
+        run.finish_done(&mut ev);
+        assert_eq!(names(&ev), ["response.mcp_call.completed", "response.output_item.done", "conversation.item.done", "response.done"]);
+        let ServerEvent::ResponseDone { response } = ev.last().unwrap() else { panic!() };
+        let call = &response.output[0];
+        assert_eq!((call.kind, call.server_label.as_deref(), call.output.as_deref()), (ItemKind::McpCall, Some("hark"), Some("42")));
+        assert_eq!(conv.items()[0].output.as_deref(), Some("42"));
+        // The model sees the call and its result.
+        let msgs = conv.to_messages();
+        assert!(matches!(&msgs[1], crate::model::ChatMessage::Tool { call_id, output } if call_id == "c1" && output == "{\"result\":42}"), "{msgs:?}");
     }
 }

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::turn::TurnParams;
 use crate::config::{Config, TurnDetectionConfig};
 use crate::media::AudioFormat;
-use crate::server::protocol::{
+use crate::protocol::{
     ga_format_name, MaxTokens, ProtocolError, SessionInfo, SessionUpdate, ToolDeclaration, TurnDetectionUpdate,
 };
 
@@ -321,8 +321,8 @@ fn parse_format(name: &str, param: &str) -> Result<AudioFormat, ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::protocol::parse_client_event;
-    use crate::server::protocol::ClientEvent;
+    use crate::protocol::parse_client_event;
+    use crate::protocol::ClientEvent;
 
     fn update(json: &str) -> SessionUpdate {
         match parse_client_event(json).unwrap().event {

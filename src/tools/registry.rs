@@ -15,6 +15,7 @@ use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::agent::ToolCatalog;
+use crate::protocol::json_kind;
 use super::builtin::Builtin;
 use super::http::HttpTool;
 use super::mcp::McpServer;
@@ -288,6 +289,15 @@ impl ToolRegistry {
         names.iter().filter_map(|n| self.declaration(n.as_ref())).collect()
     }
 
+    /// The tool set a tool belongs to, as clients see it (`server_label` of its
+    /// `mcp_call` items): its MCP server's name, or `hark` for YAML tools.
+    pub fn server_label(&self, name: &str) -> &str {
+        match self.tools.get(name).map(|t| &t.executor) {
+            Some(Executor::Mcp { server, .. }) => &server.def.name,
+            _ => "hark",
+        }
+    }
+
     /// The running MCP servers.
     pub fn servers(&self) -> &[Arc<McpServer>] {
         &self.servers
@@ -404,18 +414,6 @@ pub fn parse_arguments(text: &str) -> Result<Map<String, Value>, String> {
         Ok(Value::Object(m)) => Ok(m),
         Ok(other) => Err(format!("arguments must be a JSON object, not {}", json_kind(&other))),
         Err(e) => Err(format!("arguments are not valid JSON: {e}")),
-    }
-}
-
-/// "a string", "an array", …: a JSON value's kind, for error messages.
-pub(crate) fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -282,6 +282,25 @@ impl Client {
         c
     }
 
+    /// Attempts an upgrade that hark must refuse; returns the HTTP status and the JSON body.
+    pub async fn refused(url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut req = url.into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                axum::http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok(_) => panic!("the upgrade to {url} with {headers:?} was accepted"),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = resp.body().as_deref().map(|b| serde_json::from_slice(b).expect("a JSON error body")).unwrap_or(Value::Null);
+                (resp.status().as_u16(), body)
+            }
+            Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        }
+    }
+
     pub async fn send(&mut self, v: Value) {
         self.ws.send(Message::text(v.to_string())).await.unwrap();
     }

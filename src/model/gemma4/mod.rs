@@ -67,6 +67,31 @@ pub fn logits_command(checkpoint: &std::path::Path, inputs: &std::path::Path, ou
     }
     let mut cache = model.new_cache();
     let logits = model.forward(&ForwardInput { tokens: &ids, audio_frames: audio.as_ref(), images: &images, all_logits: true }, &mut cache)?;
-    logits.write_npy(out)?;
+    write_npy_f32(&logits, out)?;
+    Ok(())
+}
+
+/// Writes a tensor as a little-endian f32 `.npy` in one buffered pass. candle's
+/// `write_npy` issues one `write` call per element, which took minutes for a
+/// vocabulary-wide logits matrix.
+fn write_npy_f32(t: &candle_core::Tensor, path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let data = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let shape: Vec<String> = t.dims().iter().map(|d| d.to_string()).collect();
+    let shape = if shape.len() == 1 { format!("({},)", shape[0]) } else { format!("({})", shape.join(", ")) };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+    // Magic (6) + version (2) + length (2) + header + '\n' is padded to a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+    w.write_all(b"\x93NUMPY\x01\x00")?;
+    w.write_all(&(header.len() as u16).to_le_bytes())?;
+    w.write_all(header.as_bytes())?;
+    for v in data {
+        w.write_all(&v.to_le_bytes())?;
+    }
+    w.flush()?;
     Ok(())
 }

@@ -1,0 +1,86 @@
+//! `hark check`: the config, the files it names, the checkpoint, and every tool and
+//! agent YAML — the checks that need other parts of hark, kept out of `config.rs`,
+//! which validates only its own fields.
+
+use std::path::Path;
+
+use crate::config::{BackendKind, Config, VadKind};
+
+/// Reads and validates `tools_dir` and `agents_dir` without starting anything (MCP
+/// servers' tools are accepted under their server's prefix). Every problem is returned,
+/// each as `file:line: field: problem`.
+pub fn load_tool_specs(config: &Config) -> Result<(crate::tools::ToolSet, crate::tools::AgentSet), Vec<String>> {
+    let base = config.resolve(Path::new("."));
+    let tools = crate::tools::ToolSet::load_dir(&config.resolve(&config.tools_dir), &base)
+        .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    let agents = crate::tools::AgentSet::load_dir(&config.resolve(&config.agents_dir), &tools.catalog())
+        .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    Ok((tools, agents))
+}
+
+/// What `hark check` found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub problems: Vec<String>,
+}
+
+/// Validates the config file, the files it names, and the YAML under `agents/` and `tools/`.
+pub fn check(path: &Path) -> CheckReport {
+    let mut report = CheckReport::default();
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            report.problems.push(e.to_string());
+            return report;
+        }
+    };
+    if config.audio.vad == VadKind::Silero {
+        let lib = config.onnxruntime_library();
+        let model = config.resolve(&config.audio.silero_model);
+        if let Err(e) = crate::media::vad::SileroModel::load(&lib, &model) {
+            report.problems.push(format!("{}: audio: {e}", path.display()));
+        }
+    }
+    if config.backend.kind == BackendKind::Embedded {
+        let dir = config.resolve(&config.backend.embedded.checkpoint);
+        let cfg = dir.join("config.json");
+        if !cfg.exists() {
+            report.problems.push(format!(
+                "{}: backend.embedded.checkpoint: no checkpoint at {} (put a gemma4_unified checkpoint there, \
+                 or make a random stand-in with `hark model init --preset tiny --random {}`)",
+                path.display(),
+                dir.display(),
+                dir.display()
+            ));
+        } else {
+            if let Err(e) = crate::model::gemma4::Gemma4Config::from_file(&cfg) {
+                report.problems.push(format!("{}: {e}", cfg.display()));
+            }
+            if !dir.join("tokenizer.json").exists() {
+                report.problems.push(format!("{}: tokenizer.json is missing", dir.display()));
+            }
+            if let Err(e) = crate::model::gemma4::loader::weight_files(&dir) {
+                report.problems.push(e.to_string());
+            }
+        }
+        if let Err(e) = crate::model::embedded::select_dtype(&config.backend.embedded.dtype) {
+            report.problems.push(format!("{}: backend.embedded.dtype: {e}", path.display()));
+        }
+    }
+    match load_tool_specs(&config) {
+        Ok((tools, agents)) => {
+            if let Some(name) = &config.session.agent {
+                if agents.get(name).is_none() {
+                    report.problems.push(format!(
+                        "{}: session.agent: no agent named \"{name}\" in {}",
+                        path.display(),
+                        config.resolve(&config.agents_dir).display()
+                    ));
+                }
+            }
+            let _ = tools;
+        }
+        Err(problems) => report.problems.extend(problems),
+    }
+    report
+}

@@ -1,0 +1,209 @@
+//! What `/metrics` reports, in the Prometheus text format (prometheus-client).
+//!
+//! Sessions are not instrumented from inside: each transport hands every event a
+//! session sends to an [`EventObserver`], which counts responses, tokens, errors and
+//! tool calls and times the stages from the events themselves. So every transport
+//! (WebSocket today, WebRTC and the local microphone session later) is measured the
+//! same way, and the session code knows nothing of metrics.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::protocol::ServerEvent;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolLabel {
+    pub tool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: String,
+}
+
+/// Every metric hark exports. Cheap to update from any task (atomics inside).
+pub struct Metrics {
+    registry: Registry,
+    pub sessions_active: Gauge,
+    pub sessions_total: Counter,
+    pub requests_total: Family<EndpointLabel, Counter>,
+    pub errors_total: Family<CodeLabel, Counter>,
+    pub responses_total: Family<StatusLabel, Counter>,
+    pub input_tokens_total: Counter,
+    pub output_tokens_total: Counter,
+    pub cached_tokens_total: Counter,
+    /// Seconds from a stage's start: `speech_end_to_response` (end of speech →
+    /// `response.created`), `first_token` (`response.created` → first output),
+    /// `response` (`response.created` → `response.done`).
+    pub latency_seconds: Family<StageLabel, Histogram>,
+    pub tool_call_seconds: Family<ToolLabel, Histogram>,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 1 ms … ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("hark");
+        let m = Metrics {
+            sessions_active: Gauge::default(),
+            sessions_total: Counter::default(),
+            requests_total: Family::default(),
+            errors_total: Family::default(),
+            responses_total: Family::default(),
+            input_tokens_total: Counter::default(),
+            output_tokens_total: Counter::default(),
+            cached_tokens_total: Counter::default(),
+            latency_seconds: Family::new_with_constructor(seconds_histogram),
+            tool_call_seconds: Family::new_with_constructor(seconds_histogram),
+            registry: Registry::default(),
+        };
+        registry.register("sessions_active", "Realtime sessions open now", m.sessions_active.clone());
+        registry.register("sessions", "Realtime sessions opened", m.sessions_total.clone());
+        registry.register("requests", "HTTP API requests by endpoint", m.requests_total.clone());
+        registry.register("errors", "error events and API errors by code", m.errors_total.clone());
+        registry.register("responses", "model responses by final status", m.responses_total.clone());
+        registry.register("input_tokens", "prompt tokens of finished responses", m.input_tokens_total.clone());
+        registry.register("output_tokens", "tokens generated", m.output_tokens_total.clone());
+        registry.register("cached_tokens", "prompt tokens served from the model's cache", m.cached_tokens_total.clone());
+        registry.register("latency_seconds", "time from a stage's start, by stage", m.latency_seconds.clone());
+        registry.register("tool_call_seconds", "duration of tool calls hark runs, by tool", m.tool_call_seconds.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The text exposition for `GET /metrics`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn count_usage(&self, input: u64, output: u64, cached: u64) {
+        self.input_tokens_total.inc_by(input);
+        self.output_tokens_total.inc_by(output);
+        self.cached_tokens_total.inc_by(cached);
+    }
+
+    pub fn observe_stage(&self, stage: &str, seconds: f64) {
+        self.latency_seconds.get_or_create(&StageLabel { stage: stage.into() }).observe(seconds);
+    }
+}
+
+/// Follows one session's outgoing events. Create it when the session opens; drop it
+/// when the session closes.
+pub struct EventObserver<'m> {
+    metrics: &'m Metrics,
+    speech_end: Option<Instant>,
+    response_start: Option<Instant>,
+    first_output_seen: bool,
+    /// mcp_call item id → (tool, started)
+    tool_calls: HashMap<String, (String, Instant)>,
+}
+
+impl<'m> EventObserver<'m> {
+    pub fn new(metrics: &'m Metrics) -> Self {
+        metrics.sessions_total.inc();
+        metrics.sessions_active.inc();
+        Self { metrics, speech_end: None, response_start: None, first_output_seen: false, tool_calls: HashMap::new() }
+    }
+
+    pub fn observe(&mut self, ev: &ServerEvent) {
+        let m = self.metrics;
+        let now = Instant::now();
+        match ev {
+            ServerEvent::Error { error } => {
+                m.errors_total.get_or_create(&CodeLabel { code: error.code.clone() }).inc();
+            }
+            ServerEvent::InputAudioBufferSpeechStopped { .. } => self.speech_end = Some(now),
+            ServerEvent::ResponseCreated { .. } => {
+                if let Some(t) = self.speech_end.take() {
+                    m.observe_stage("speech_end_to_response", (now - t).as_secs_f64());
+                }
+                self.response_start = Some(now);
+                self.first_output_seen = false;
+            }
+            ServerEvent::ResponseOutputTextDelta { .. }
+            | ServerEvent::ResponseFunctionCallArgumentsDelta { .. }
+            | ServerEvent::ResponseMcpCallArgumentsDelta { .. } => {
+                if let (false, Some(t)) = (self.first_output_seen, self.response_start) {
+                    self.first_output_seen = true;
+                    m.observe_stage("first_token", (now - t).as_secs_f64());
+                }
+            }
+            ServerEvent::ResponseMcpCallInProgress { item_id, .. } => {
+                self.tool_calls.entry(item_id.clone()).or_insert_with(|| (String::new(), now));
+            }
+            ServerEvent::ResponseOutputItemAdded { item, .. } if item.name.is_some() => {
+                self.tool_calls.insert(item.id.clone(), (item.name.clone().unwrap_or_default(), now));
+            }
+            ServerEvent::ResponseMcpCallCompleted { item_id, .. } | ServerEvent::ResponseMcpCallFailed { item_id, .. } => {
+                if let Some((tool, started)) = self.tool_calls.remove(item_id) {
+                    m.tool_call_seconds.get_or_create(&ToolLabel { tool }).observe((now - started).as_secs_f64());
+                }
+            }
+            ServerEvent::ResponseDone { response } => {
+                let status = serde_json::to_value(response.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+                m.responses_total.get_or_create(&StatusLabel { status }).inc();
+                if let Some(u) = &response.usage {
+                    m.count_usage(u.input_tokens as u64, u.output_tokens as u64, u.input_token_details.cached_tokens as u64);
+                }
+                if let Some(t) = self.response_start.take() {
+                    m.observe_stage("response", (now - t).as_secs_f64());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for EventObserver<'_> {
+    fn drop(&mut self) {
+        self.metrics.sessions_active.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_sessions() {
+        let m = Metrics::default();
+        {
+            let mut o = EventObserver::new(&m);
+            o.observe(&ServerEvent::server_error("backend_timeout", "slow", None));
+            assert!(m.render().contains("hark_sessions_active 1"));
+        }
+        let text = m.render();
+        assert!(text.contains("hark_sessions_active 0"), "{text}");
+        assert!(text.contains("hark_sessions_total 1"), "{text}");
+        assert!(text.contains(r#"hark_errors_total{code="backend_timeout"} 1"#), "{text}");
+    }
+}

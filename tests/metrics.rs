@@ -1,0 +1,68 @@
+//! `/metrics` parses with the Prometheus project's own Python parser
+//! (`prometheus_client.parser`), and its counters move as sessions and requests run.
+//! `/readyz` says ready. The model server is scripted (see `common`).
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Parses the exposition with prometheus_client; returns {"name{labels}": value}.
+fn parse(text: &str) -> Value {
+    let py = std::env::var("HARK_TEST_PYTHON").unwrap_or_else(|_| repo_root().join(".venv/bin/python").display().to_string());
+    let code = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+        out[f"{s.name}{{{labels}}}"] = s.value
+print(json.dumps(out))
+"#;
+    let mut child = Command::new(py).args(["-c", code]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the Prometheus parser refused /metrics: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_move() {
+    let model = ScriptedModel::start().await;
+    let hark = Hark::start(test_config(&model.base_url())).await;
+    hark::tls::init();
+    let http = reqwest::Client::new();
+    let scrape = || async { parse(&http.get(format!("http://{}/metrics", hark.addr)).send().await.unwrap().text().await.unwrap()) };
+    let before = scrape().await;
+    assert_eq!(before["hark_sessions_total{}"], 0.0, "{before}");
+
+    // One realtime response, one bad event, one chat completion.
+    let mut c = Client::connect(&hark.ws_url()).await;
+    c.send(json!({"type": "response.create"})).await;
+    c.until("response.done").await;
+    c.send(json!({"type": "no.such.event"})).await;
+    c.until("error").await;
+    let r = http.post(format!("{}/chat/completions", hark.base_url())).json(&json!({"model": "hark", "messages": [{"role": "user", "content": "hi"}]})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    let after = scrape().await;
+    assert_eq!(after["hark_sessions_total{}"], 1.0, "{after}");
+    assert_eq!(after["hark_sessions_active{}"], 1.0, "{after}");
+    assert_eq!(after[r#"hark_responses_total{status="completed"}"#], 1.0, "{after}");
+    assert_eq!(after[r#"hark_errors_total{code="invalid_value"}"#], 1.0, "{after}");
+    assert_eq!(after[r#"hark_requests_total{endpoint="chat.completions"}"#], 1.0, "{after}");
+    // The scripted model reports 42 prompt and 7 completion tokens per answer.
+    assert_eq!(after["hark_input_tokens_total{}"], 84.0, "{after}");
+    assert_eq!(after["hark_output_tokens_total{}"], 14.0, "{after}");
+    assert_eq!(after[r#"hark_latency_seconds_count{stage="first_token"}"#], 1.0, "{after}");
+    assert_eq!(after[r#"hark_latency_seconds_count{stage="response"}"#], 1.0, "{after}");
+
+    drop(c);
+    let ready = http.get(format!("http://{}/readyz", hark.addr)).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.json::<Value>().await.unwrap()["status"], "ready");
+}
