@@ -14,12 +14,12 @@ use candle_core::{DType, Device};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::engine::emit_parsed;
 pub use super::engine::prompt::Prompt;
 use super::engine::prompt::{render_with, ImageMode};
 use super::engine::scheduler::{EventSink, Job};
 pub use super::engine::{Engine, EngineStats};
 use super::gemma4::tokenizer::Gemma4Tokenizer;
-use super::engine::emit_parsed;
 use super::gemma4::tool_call::ToolCallParser;
 use super::{
     Backend, BackendError, BackendEvent, ChatMessage, EstimatedTokens, GenerateRequest, TokenCounter, ToolSpec, TurnStream,
@@ -32,6 +32,7 @@ const EVENTS_PER_TOKEN: usize = 3;
 const EVENTS_SLACK: usize = 16;
 /// Upper bound on a channel's slots (tokio allocates them as they fill, not up front).
 const MAX_CHANNEL: usize = 1 << 22;
+
 /// The backend's settings are `backend.embedded` from config.yaml, with
 /// `checkpoint` already resolved against the config file's folder.
 pub use crate::config::EmbeddedBackendConfig as EmbeddedSettings;
