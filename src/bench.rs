@@ -223,6 +223,7 @@ pub fn latency(preset: &str, contexts: &[usize], speech_seconds: f32, device: &s
         top_p: None,
         seed: 0,
         cached_sessions: 4,
+        kv_budget_mb: 4096,
         image_tokens: 280,
     };
     let mut engine = Engine::load(&settings, &select_device(device)?, select_dtype(dtype)?)?;
@@ -307,6 +308,137 @@ pub fn latency(preset: &str, contexts: &[usize], speech_seconds: f32, device: &s
     }
     println!("\nA streamed 40 ms frame must cost under 40 ms for the turn to keep up with the speaker.");
     println!("Without the background preparation, the first request after an eviction would wait for the re-prefill column.");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `hark bench engine`: N sessions ask at once; aggregate decode tokens/s, time to
+/// first token and the longest gap between a session's tokens, with the scheduler
+/// interleaving them and with one response at a time (the engine before it).
+pub fn engine(preset: &str, sessions: &[usize], tokens: u32, device: &str, dtype: &str) -> anyhow::Result<()> {
+    use std::sync::Mutex;
+
+    use crate::model::embedded::{select_device, select_dtype, EmbeddedSettings, Engine};
+    use crate::model::gemma4::init::{write_random_checkpoint, Preset};
+    use crate::model::{BackendEvent, ChatMessage, GenerateRequest, UserPart};
+    use tokio_util::sync::CancellationToken;
+
+    let p = Preset::parse(preset).ok_or_else(|| anyhow::anyhow!("unknown preset {preset}; use tiny, small or 12b"))?;
+    anyhow::ensure!(p != Preset::Gemma12B || device != "cpu", "the 12b preset is not benchmarked on CPU");
+    anyhow::ensure!(!sessions.is_empty() && !sessions.contains(&0), "--sessions needs counts of at least 1");
+    let dir = tempfile_dir(preset)?;
+    write_random_checkpoint(p, &dir, false, 1, |_, _| {})?;
+    let settings = EmbeddedSettings {
+        checkpoint: dir.clone(),
+        device: device.into(),
+        dtype: dtype.into(),
+        max_tokens: tokens,
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+        cached_sessions: sessions.iter().copied().max().unwrap_or(1) + 1,
+        kv_budget_mb: 1 << 20,
+        image_tokens: 280,
+    };
+    let mut engine = Engine::load(&settings, &select_device(device)?, select_dtype(dtype)?)?;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!(
+        "hark bench engine: {preset} preset (random weights), {dtype} on {device} ({cores} cores); every session asks at once, \
+         a short spoken-length question, up to {tokens} tokens each. TTFT = submission → first token.\n"
+    );
+    // The batched forward alone: N sequences' decode tokens in one call against N calls.
+    {
+        use crate::model::gemma4::ForwardInput;
+        let model = engine.model();
+        println!("| sequences | N single decode forwards | one batched forward | speed-up |");
+        println!("|--:|--:|--:|--:|");
+        let prompt: Vec<u32> = (0..40u32).map(|i| 1000 + i * 7).collect();
+        for &n in sessions {
+            let mut caches: Vec<_> = (0..n).map(|_| model.new_cache()).collect();
+            for c in caches.iter_mut() {
+                model.forward(&ForwardInput { tokens: &prompt, ..Default::default() }, c)?;
+            }
+            let steps = 8;
+            let t = Instant::now();
+            for s in 0..steps {
+                for c in caches.iter_mut() {
+                    model.forward(&ForwardInput { tokens: &[2000 + s], ..Default::default() }, c)?;
+                }
+            }
+            let single = t.elapsed() / steps;
+            let t = Instant::now();
+            for s in 0..steps {
+                let tokens = vec![3000 + s; n];
+                let mut refs: Vec<_> = caches.iter_mut().collect();
+                model.forward_batch(&tokens, &mut refs)?;
+            }
+            let batched = t.elapsed() / steps;
+            println!("| {n} | {:.1} ms | {:.1} ms | {:.2}× |", ms(single), ms(batched), ms(single) / ms(batched).max(1e-9));
+        }
+        println!();
+    }
+    println!("| sessions | schedule | tokens | aggregate decode tok/s | TTFT p50 | TTFT p99 | inter-token p99 | wall |");
+    println!("|--:|:--|--:|--:|--:|--:|--:|--:|");
+    for &n in sessions {
+        let mut rates = Vec::new();
+        for fifo in [true, false] {
+            engine.clear_caches();
+            engine.set_fifo(fifo);
+            let times: Vec<Arc<Mutex<Vec<Instant>>>> = (0..n).map(|_| Arc::default()).collect();
+            let outputs: Arc<Mutex<usize>> = Arc::default();
+            let start = Instant::now();
+            for (i, t) in times.iter().enumerate() {
+                let request = GenerateRequest {
+                    instructions: "You are hark, a helpful voice assistant. Answer briefly.".into(),
+                    messages: vec![ChatMessage::User(vec![UserPart::Text(format!("Session {i} asks: tell me about item {i} of the list, please."))])],
+                    max_output_tokens: Some(tokens),
+                    cache_key: Some(i as u64),
+                    ..Default::default()
+                };
+                let (t, outputs) = (t.clone(), outputs.clone());
+                let sink = Box::new(move |ev: BackendEvent| {
+                    match ev {
+                        BackendEvent::Done { usage: Some(u), .. } => *outputs.lock().unwrap_or_else(|e| e.into_inner()) += u.output_tokens as usize,
+                        BackendEvent::Done { .. } | BackendEvent::Error(_) => {}
+                        _ => t.lock().unwrap_or_else(|e| e.into_inner()).push(Instant::now()),
+                    }
+                    true
+                });
+                engine.submit(request, CancellationToken::new(), sink);
+            }
+            while engine.step() {}
+            let wall = start.elapsed();
+            let mut ttft = Vec::new();
+            let mut gaps = Vec::new();
+            for t in &times {
+                let t = t.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(first) = t.first() {
+                    ttft.push(*first - start);
+                }
+                gaps.extend(t.windows(2).map(|w| w[1] - w[0]));
+            }
+            ttft.sort();
+            gaps.sort();
+            let total = *outputs.lock().unwrap_or_else(|e| e.into_inner());
+            let rate = total as f64 / wall.as_secs_f64();
+            rates.push(rate);
+            println!(
+                "| {n} | {} | {total} | {rate:.1} | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} s |",
+                if fifo { "one at a time" } else { "interleaved" },
+                ms(percentile(&ttft, 0.5)),
+                ms(percentile(&ttft, 0.99)),
+                ms(percentile(&gaps, 0.99)),
+                wall.as_secs_f64(),
+            );
+        }
+        println!("| {n} | interleaved ÷ one at a time | | {:.2}× | | | | |", rates[1] / rates[0].max(1e-9));
+    }
+    println!(
+        "\nInterleaved: decode steps of every answering session run as one batched forward (weights read once per step), \
+         alternating with prefill chunks of sessions still reading their prompt."
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

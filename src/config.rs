@@ -91,6 +91,9 @@ pub struct EmbeddedBackendConfig {
     pub seed: u64,
     /// Sessions whose KV caches are kept for reuse across turns.
     pub cached_sessions: usize,
+    /// Bytes (MiB) the kept KV caches may hold, those of running responses included;
+    /// idle sessions' caches are evicted least recently used first beyond it.
+    pub kv_budget_mb: usize,
     /// Tokens per image: 70, 140, 280, 560 or 1120 (one per 48×48 patch).
     pub image_tokens: usize,
 }
@@ -107,6 +110,7 @@ impl Default for EmbeddedBackendConfig {
             top_p: Some(0.95),
             seed: 0,
             cached_sessions: 4,
+            kv_budget_mb: 4096,
             image_tokens: 280,
         }
     }

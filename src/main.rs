@@ -124,6 +124,23 @@ enum BenchCommand {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Several sessions answering at once on one embedded model: the scheduler
+    /// (interleaved) against one response at a time (FIFO).
+    Engine {
+        /// Random-weight preset: tiny, small or 12b (12b needs a GPU).
+        #[arg(long, default_value = "small")]
+        preset: String,
+        /// Session counts, comma-separated.
+        #[arg(long, default_value = "1,4", value_delimiter = ',')]
+        sessions: Vec<usize>,
+        /// Tokens each session's answer may have.
+        #[arg(long, default_value_t = 64)]
+        tokens: u32,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Prefill and decode tokens/s of the embedded model on random-weight presets.
     Model {
         /// Presets to measure, comma-separated (tiny, small).
@@ -224,6 +241,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench { what: BenchCommand::Latency { preset, contexts, speech, device, dtype } } => {
             init_logging("warn");
             hark::bench::latency(&preset, &contexts, speech, &device, &dtype)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what: BenchCommand::Engine { preset, sessions, tokens, device, dtype } } => {
+            init_logging("warn");
+            hark::bench::engine(&preset, &sessions, tokens, &device, &dtype)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what: BenchCommand::Model { presets, prompt, decode, device, dtypes } } => {

@@ -203,3 +203,37 @@ fn a_cancelled_request_stops_and_keeps_the_prefilled_context() {
     engine.generate(&GenerateRequest { max_output_tokens: Some(1), ..req }, &cancel, &|_| true).unwrap();
     assert!(engine.last_prefill.0 > 0);
 }
+
+#[test]
+fn global_layers_append_in_place_and_forks_copy_before_writing() {
+    let ckpt = tiny_checkpoint();
+    let model = loader::load(ckpt.path(), DType::F32, &Device::Cpu).unwrap();
+    let tokens: Vec<u32> = (0..40u32).map(|i| 300 + (i * 13) % 200).collect();
+    let mut cache = model.new_cache();
+    model.forward(&ForwardInput { tokens: &tokens[..30], ..Default::default() }, &mut cache).unwrap();
+    // A fork taken now must not see what the original writes next, nor the reverse.
+    let mut fork = cache.clone();
+    // The first write while the fork holds the buffers copies them...
+    model.forward(&ForwardInput { tokens: &tokens[30..31], ..Default::default() }, &mut cache).unwrap();
+    let capacity = cache.capacity();
+    assert!(capacity > 31, "{capacity}");
+    let allocated = cache.allocated_bytes();
+    // ...and then decoding writes into the preallocated buffers: no allocation per token.
+    for i in 31..35 {
+        model.forward(&ForwardInput { tokens: &tokens[i..i + 1], ..Default::default() }, &mut cache).unwrap();
+    }
+    assert_eq!(cache.capacity(), capacity);
+    // Only the sliding layers (tiny: 2 of them, K and V, 2 heads × 16, f32) grew.
+    assert_eq!(cache.allocated_bytes() - allocated, 4 * (2 * 2 * 2 * 16 * 4));
+    let forked = model.forward(&ForwardInput { tokens: &[77], ..Default::default() }, &mut fork).unwrap();
+    let next = model.forward(&ForwardInput { tokens: &tokens[35..36], ..Default::default() }, &mut cache).unwrap();
+    // Against fresh caches prefilled with the same tokens.
+    let fresh = |ids: &[u32]| {
+        let mut c = model.new_cache();
+        model.forward(&ForwardInput { tokens: ids, ..Default::default() }, &mut c).unwrap()
+    };
+    let mut fork_ids = tokens[..30].to_vec();
+    fork_ids.push(77);
+    assert!(max_rel_err(&forked, &fresh(&fork_ids)) < 1e-4);
+    assert!(max_rel_err(&next, &fresh(&tokens[..36])) < 1e-4);
+}

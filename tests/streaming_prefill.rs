@@ -132,7 +132,9 @@ fn a_retracted_turn_rolls_the_cache_back_exactly() {
     // The next turn continues from exactly where the context stood before.
     let next = GenerateRequest { messages: vec![user("hello"), said("hi, how can I help?"), user("what time is it?")], ..base() };
     let after = first_logits(&mut warm, &next);
-    assert_eq!(warm.last_prefill.0, turn_start, "reused exactly the context before the turn");
+    // At least the context before the turn (the earlier reply's cache, which the turn
+    // forked rather than took, also shares the next `<|turn>`).
+    assert!(warm.last_prefill.0 >= turn_start, "reused {} < {turn_start}", warm.last_prefill.0);
     let mut cold = engine(ckpt.path(), 1);
     let fresh = first_logits(&mut cold, &next);
     let err = rel_err(&after, &fresh);

@@ -1,9 +1,13 @@
 //! Model backends. A backend is driven: it gets a [`GenerateRequest`] and streams
 //! [`BackendEvent`]s back; it knows nothing of sessions or transports.
 //!
+//! - [`embedded::EmbeddedBackend`]: Gemma 4 in-process; its [`engine::Engine`] owns the
+//!   model on one thread, where a scheduler interleaves every session's work and a
+//!   pool keeps a KV cache per session within a byte budget.
 //! - [`openai::OpenAiBackend`]: any OpenAI-compatible chat-completions server.
 
 pub mod embedded;
+pub mod engine;
 pub mod gemma4;
 pub mod hub;
 pub mod openai;
@@ -25,6 +29,19 @@ pub struct GenerateRequest {
     pub tool_choice: Option<Value>,
     pub max_output_tokens: Option<u32>,
     pub temperature: Option<f32>,
+    /// Which conversation this request continues (one per session; see [`cache_key`]).
+    /// The embedded engine keeps one KV cache per key and rolls back only a key's own
+    /// cache: other sessions' caches are forked where a prefix matches, never cut.
+    /// `None`: the request owns no cache and rolls back nobody's.
+    pub cache_key: Option<u64>,
+}
+
+/// A request's [`GenerateRequest::cache_key`] for a session id.
+pub fn cache_key(session_id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    session_id.hash(&mut h);
+    h.finish()
 }
 
 #[derive(Debug, Clone, PartialEq)]

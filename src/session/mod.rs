@@ -434,6 +434,7 @@ impl Session {
                 MaxTokens::Inf(_) => None,
             },
             temperature: Some(params.temperature.unwrap_or(self.settings.temperature)),
+            cache_key: Some(crate::model::cache_key(&self.settings.id)),
         }
     }
 

@@ -196,6 +196,7 @@ pub fn engine_settings(dir: &std::path::Path, max_tokens: u32, cached_sessions: 
         top_p: None,
         seed: 0,
         cached_sessions,
+        kv_budget_mb: 1024,
         image_tokens: 70,
     }
 }

@@ -5,6 +5,13 @@
 //! layers drop keys that fall out of the window after each call, keeping
 //! [`ROLLBACK_SLACK`] extra positions so the newest tokens can be taken back
 //! (a re-tokenised reply, a retracted turn) without re-prefilling everything.
+//!
+//! Global layers, which grow with the whole context, write each call's keys in place
+//! into preallocated buffers (grown by a quarter when full) instead of concatenating
+//! the whole cache per token. Clones share those buffers: a clone that writes while
+//! another holds them copies first (copy on write), so forks stay independent.
+
+use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
 
@@ -17,15 +24,26 @@ pub const ROLLBACK_SLACK: usize = 512;
 #[derive(Clone)]
 struct LayerCache {
     kind: LayerKind,
-    /// `[kv_heads, len, head_dim]`
+    /// `[kv_heads, len, head_dim]`; global layers: `[kv_heads, capacity, head_dim]`
+    /// buffers of which the first `len` positions are filled.
     k: Option<Tensor>,
     v: Option<Tensor>,
     /// Absolute position of the first cached key.
     start: usize,
+    /// Global layers: positions filled in the buffers.
+    len: usize,
+    /// Counts the clones sharing the global buffers: written in place only when alone.
+    holders: Arc<()>,
 }
 
-/// Cloning is cheap (tensors are shared) and the clone is independent: every change
-/// makes new tensors.
+/// Capacity for `needed` positions: a quarter more, so appends rarely reallocate.
+fn grown(needed: usize) -> usize {
+    needed + (needed / 4).max(128)
+}
+
+/// Cloning is cheap (tensors are shared) and the clone is independent: sliding layers
+/// make new tensors at every change, and a shared global buffer is copied before it
+/// is written.
 #[derive(Clone)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
@@ -36,7 +54,7 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(cfg: &TextConfig) -> Self {
         Self {
-            layers: cfg.layers.iter().map(|l| LayerCache { kind: l.kind, k: None, v: None, start: 0 }).collect(),
+            layers: cfg.layers.iter().map(|l| LayerCache { kind: l.kind, k: None, v: None, start: 0, len: 0, holders: Arc::new(()) }).collect(),
             window: cfg.sliding_window,
             seq_len: 0,
         }
@@ -52,6 +70,9 @@ impl KvCache {
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, usize)> {
         let keep = self.window + ROLLBACK_SLACK;
         let c = &mut self.layers[layer];
+        if c.kind == LayerKind::Full {
+            return c.append_in_place(k, v);
+        }
         let (k_all, v_all) = match (&c.k, &c.v) {
             (Some(pk), Some(pv)) => (Tensor::cat(&[pk, k], 1)?, Tensor::cat(&[pv, v], 1)?),
             _ => (k.clone(), v.clone()),
@@ -87,6 +108,11 @@ impl KvCache {
             return Ok(false);
         }
         for l in self.layers.iter_mut() {
+            if l.kind == LayerKind::Full {
+                // The buffers stay; later appends overwrite (or copy, if shared).
+                l.len = l.len.min(len.saturating_sub(l.start));
+                continue;
+            }
             if let (Some(k), Some(v)) = (&l.k, &l.v) {
                 let keep = len.saturating_sub(l.start);
                 if keep == 0 {
@@ -103,13 +129,64 @@ impl KvCache {
         Ok(true)
     }
 
-    /// Bytes held by cached keys and values.
+    /// Bytes of the keys and values of the positions held.
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.k, &l.v])
+        self.layers.iter().map(|l| l.bytes(false)).sum()
+    }
+
+    /// Bytes allocated, spare capacity included (what a memory budget must count).
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.bytes(true)).sum()
+    }
+
+    /// Positions the global layers' buffers can hold before they next grow.
+    pub fn capacity(&self) -> usize {
+        self.layers.iter().filter(|l| l.kind == LayerKind::Full).filter_map(|l| l.k.as_ref()).filter_map(|k| k.dim(1).ok()).min().unwrap_or(0)
+    }
+}
+
+impl LayerCache {
+    fn bytes(&self, allocated: bool) -> usize {
+        [&self.k, &self.v]
+            .into_iter()
             .flatten()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .map(|t| {
+                let elems = match (self.kind, allocated, t.dims()) {
+                    (LayerKind::Full, false, &[h, _, d]) => h * self.len * d,
+                    _ => t.elem_count(),
+                };
+                elems * t.dtype().size_in_bytes()
+            })
             .sum()
+    }
+
+    /// Writes `k`, `v` `[kv_heads, n, head_dim]` after the filled positions, growing
+    /// (or, when another clone holds the buffers, copying) them first where needed.
+    fn append_in_place(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, usize)> {
+        let n = k.dim(1)?;
+        let needed = self.len + n;
+        let capacity = self.k.as_ref().map_or(Ok(0), |b| b.dim(1))?;
+        let alone = Arc::strong_count(&self.holders) == 1;
+        if needed > capacity || !alone {
+            let cap = grown(needed);
+            let fresh = |src: &Tensor, old: &Option<Tensor>| -> Result<Tensor> {
+                let (h, _, d) = src.dims3()?;
+                let buf = Tensor::zeros((h, cap, d), src.dtype(), src.device())?;
+                if let Some(old) = old.as_ref().filter(|_| self.len > 0) {
+                    buf.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                }
+                Ok(buf)
+            };
+            let (nk, nv) = (fresh(k, &self.k)?, fresh(v, &self.v)?);
+            self.k = Some(nk);
+            self.v = Some(nv);
+            self.holders = Arc::new(());
+        }
+        let (Some(kb), Some(vb)) = (&self.k, &self.v) else { candle_core::bail!("KV buffers missing") };
+        kb.slice_set(&k.contiguous()?, 1, self.len)?;
+        vb.slice_set(&v.contiguous()?, 1, self.len)?;
+        self.len = needed;
+        // With several KV heads the filled part is strided; attention multiplies by V as is.
+        Ok((kb.narrow(1, 0, needed)?, vb.narrow(1, 0, needed)?.contiguous()?, self.start))
     }
 }

@@ -456,6 +456,65 @@ impl Gemma4Model {
         }
     }
 
+    /// One decode step of several sequences at once: `tokens[i]` continues `caches[i]`.
+    /// Projections, MLPs and the LM head run on all rows together (their weights are
+    /// read once per step, not once per sequence); attention runs per sequence over its
+    /// own cache. Returns logits `[sequences, vocab]`, row `i` for sequence `i`.
+    pub fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let b = tokens.len();
+        if b == 0 || caches.len() != b {
+            candle_core::bail!("forward_batch needs one cache per token ({} tokens, {} caches)", b, caches.len());
+        }
+        let max = self.config.text.max_position_embeddings;
+        let starts: Vec<usize> = caches.iter().map(|c| c.seq_len()).collect();
+        if let Some(s) = starts.iter().find(|&&s| s + 1 > max) {
+            candle_core::bail!("context of {} tokens exceeds the model's {max} positions", s + 1);
+        }
+        let mut x = self.embed(&ForwardInput { tokens, ..Default::default() })?;
+        let ropes = starts
+            .iter()
+            .map(|&s| Ok((self.rope_tables(&self.inv_freq_sliding, s, 1)?, self.rope_tables(&self.inv_freq_full, s, 1)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let t = &self.config.text;
+        let eps = t.rms_norm_eps as f32;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let a = &layer.attn;
+            let residual = x.clone();
+            let h = rms(&x, &layer.input_norm, eps)?;
+            let q = apply(&a.q_proj, &h)?;
+            let k = apply(&a.k_proj, &h)?;
+            let v = match &a.v_proj {
+                Some(v) => apply(v, &h)?,
+                None => k.clone(),
+            };
+            let mut outs = Vec::with_capacity(b);
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let (rope_s, rope_f) = &ropes[i];
+                let (cos, sin) = if a.spec.kind == LayerKind::Sliding { rope_s } else { rope_f };
+                let row = |t: &Tensor| t.narrow(0, i, 1);
+                outs.push(self.attend(a, li, &row(&q)?, &row(&k)?, &row(&v)?, cos, sin, starts[i], &[-1], cache)?);
+            }
+            let h = apply(&a.o_proj, &Tensor::cat(&outs, 0)?)?;
+            let h = rms(&h, &layer.post_attn_norm, eps)?;
+            x = (residual + h)?;
+            let residual = x.clone();
+            let h = rms(&x, &layer.pre_ff_norm, eps)?;
+            let gate = apply(&layer.mlp.gate, &h)?.gelu()?;
+            let h = apply(&layer.mlp.down, &(gate * apply(&layer.mlp.up, &h)?)?)?;
+            let h = rms(&h, &layer.post_ff_norm, eps)?;
+            x = (residual + h)?.broadcast_mul(&layer.layer_scalar)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(1);
+        }
+        let x = rms(&x, &self.norm, eps)?;
+        let logits = apply(&self.lm_head, &x)?.to_dtype(DType::F32)?;
+        match t.final_logit_softcapping {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -468,18 +527,49 @@ impl Gemma4Model {
         blocks: &[i32],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        let (q, k, v) = Self::project(a, x)?;
+        let out = self.attend(a, layer, &q, &k, &v, cos, sin, start, blocks, cache)?;
+        a.o_proj.forward(&out)
+    }
+
+    /// The attention projections of `x` `[n, hidden]`: q, raw k, raw v (k again for
+    /// `attention_k_eq_v` layers).
+    fn project(a: &Attention, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let q = a.q_proj.forward(x)?;
+        let k = a.k_proj.forward(x)?;
+        let v = match &a.v_proj {
+            Some(v) => v.forward(x)?,
+            None => k.clone(),
+        };
+        Ok((q, k, v))
+    }
+
+    /// Attention of `n` new positions of one sequence from their projections, over
+    /// its cache: norms, RoPE, the cache append, softmax. Returns `[n, heads·head_dim]`
+    /// (before `o_proj`).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        a: &Attention,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        start: usize,
+        blocks: &[i32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let t = &self.config.text;
-        let n = x.dim(0)?;
+        let n = q.dim(0)?;
         let (heads, kv, hd) = (t.num_attention_heads, a.spec.num_kv_heads, a.spec.head_dim);
         let eps = t.rms_norm_eps as f32;
-        let q = a.q_proj.forward(x)?.reshape((n, heads, hd))?;
+        let q = q.reshape((n, heads, hd))?;
         let q = rms(&q, &a.q_norm, eps)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k_raw = a.k_proj.forward(x)?.reshape((n, kv, hd))?;
-        let v_raw = match &a.v_proj {
-            Some(v) => v.forward(x)?.reshape((n, kv, hd))?,
-            None => k_raw.clone(),
-        };
+        let k_raw = k.reshape((n, kv, hd))?;
+        let v_raw = v.reshape((n, kv, hd))?;
         let k = rms(&k_raw, &a.k_norm, eps)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
         let v = rms(&v_raw, &a.ones, eps)?.transpose(0, 1)?.contiguous()?;
@@ -494,8 +584,7 @@ impl Gemma4Model {
         let scores = scores.to_dtype(DType::F32)?.reshape((kv, groups, n, m))?.broadcast_add(&mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?.reshape((kv, groups * n, m))?;
         let out = probs.matmul(&v_all)?; // [kv, groups·n, hd]
-        let out = out.reshape((heads, n, hd))?.transpose(0, 1)?.contiguous()?.reshape((n, heads * hd))?;
-        a.o_proj.forward(&out)
+        out.reshape((heads, n, hd))?.transpose(0, 1)?.contiguous()?.reshape((n, heads * hd))
     }
 
     /// Additive mask `[n, m]`: 0 where query `start+i` may see key `key_start+j`.
@@ -523,6 +612,16 @@ impl Gemma4Model {
     pub fn has_vision(&self) -> bool {
         self.vision.is_some()
     }
+}
+
+/// A bias-free linear layer over a few rows `[b, in]`, computed as `W · xᵀ`: the
+/// weight is the long side of the product, streamed once, where `x · Wᵀ` with a
+/// handful of rows leaves a CPU matrix kernel mostly padding. It rounds differently
+/// from `x · Wᵀ` in the last bits (about 1e-6 of the logits' scale), so a batched
+/// sequence's greedy token could differ from its lone one only at a near tie; the
+/// engine's tests check logits and tokens.
+fn apply(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    l.weight().matmul(&x.t()?)?.t()?.contiguous()
 }
 
 /// RMSNorm over the last dimension, computed in f32 as transformers does.

@@ -40,11 +40,14 @@ impl Sampler {
         if self.candidates.is_empty() {
             return 0;
         }
-        // Highest first; top-k and top-p both want the head of this order.
-        self.candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        if let Some(k) = self.params.top_k.filter(|&k| k > 0) {
+        // Highest first (ties by id, so the order is total); top-k and top-p both want
+        // the head of this order. With top-k only the head is sorted: a partial
+        // selection, not a sort of the whole vocabulary every step.
+        if let Some(k) = self.params.top_k.filter(|&k| k > 0 && k < self.candidates.len()) {
+            self.candidates.select_nth_unstable_by(k - 1, by_rank);
             self.candidates.truncate(k);
         }
+        self.candidates.sort_unstable_by(by_rank);
         let max = self.candidates[0].1;
         let mut total = 0.0f32;
         for c in self.candidates.iter_mut() {
@@ -81,6 +84,10 @@ impl Sampler {
     }
 }
 
+fn by_rank(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0usize;
     let mut best_v = f32::NEG_INFINITY;
@@ -114,6 +121,39 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn top_k_by_partial_selection_draws_as_a_full_sort_would() {
+        // The reference: every candidate sorted, then cut to k (what sampling did before).
+        let reference = |logits: &[f32], k: usize, t: f32, r: f32| -> u32 {
+            let mut c: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
+            c.sort_by(by_rank);
+            c.truncate(k);
+            let max = c[0].1;
+            let w: Vec<f32> = c.iter().map(|x| (x.1 - max).exp()).collect();
+            let total: f32 = w.iter().sum();
+            let mut r = r;
+            for (x, w) in c.iter().zip(&w) {
+                if r < w / total {
+                    return x.0;
+                }
+                r -= w / total;
+            }
+            c.last().unwrap().0
+        };
+        let mut rng = fastrand::Rng::with_seed(11);
+        for round in 0..20 {
+            // Repeated values too: ties must resolve the same way.
+            let logits: Vec<f32> = (0..5000).map(|_| (rng.f32() * 40.0).round() / 4.0).collect();
+            let k = 1 + round * 7;
+            let seed = round as u64;
+            let mut s = Sampler::new(SamplingParams { temperature: 0.9, top_k: Some(k), top_p: None, seed });
+            let mut draws = fastrand::Rng::with_seed(seed);
+            for _ in 0..10 {
+                assert_eq!(s.sample(&logits), reference(&logits, k, 0.9, draws.f32()));
+            }
+        }
     }
 
     #[test]
