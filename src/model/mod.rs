@@ -29,6 +29,10 @@ pub struct GenerateRequest {
     pub tool_choice: Option<Value>,
     pub max_output_tokens: Option<u32>,
     pub temperature: Option<f32>,
+    /// Nucleus sampling and the random seed, when the request sets them (chat
+    /// completions); otherwise the backend's configured defaults.
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
     /// Which conversation this request continues (one per session; see [`cache_key`]).
     /// The embedded engine keeps one KV cache per key and rolls back only a key's own
     /// cache: other sessions' caches are forked where a prefix matches, never cut.

@@ -78,6 +78,12 @@ impl OpenAiBackend {
             "max_tokens": req.max_output_tokens.unwrap_or(self.settings.max_tokens),
             "temperature": req.temperature.unwrap_or(self.settings.temperature),
         });
+        if let Some(p) = req.top_p {
+            body["top_p"] = json!(p);
+        }
+        if let Some(seed) = req.seed {
+            body["seed"] = json!(seed);
+        }
         if !req.tools.is_empty() {
             body["tools"] = req
                 .tools

@@ -9,9 +9,9 @@
 //! SSE chunks. A client that goes away cancels the generation.
 //!
 //! Not honoured, and refused rather than ignored where it would change the answer:
-//! `n` > 1, `response_format` other than `text`, `logprobs`. `top_p` and `seed` are
-//! accepted; hark's backends sample with temperature only, so they do not change the
-//! output. `stop` is applied by hark to the streamed text.
+//! `n` > 1, `response_format` other than `text`, `logprobs`. `temperature`, `top_p` and
+//! `seed` reach the embedded sampler (or the remote server); `stop` is applied by hark
+//! to the streamed text.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -279,9 +279,10 @@ fn prepare(st: &AppState, req: ChatRequest) -> Result<Prepared, ApiError> {
         tool_choice: req.tool_choice,
         max_output_tokens: req.max_completion_tokens.or(req.max_tokens),
         temperature: req.temperature,
+        top_p: req.top_p.filter(|p| *p > 0.0 && *p < 1.0),
+        seed: req.seed.map(|s| s as u64),
         ..Default::default()
     };
-    let _ = (req.top_p, req.seed); // accepted; see the module comment
     Ok(Prepared {
         model: req.model,
         request,

@@ -435,6 +435,7 @@ impl Session {
             },
             temperature: Some(params.temperature.unwrap_or(self.settings.temperature)),
             cache_key: Some(crate::model::cache_key(&self.settings.id)),
+            ..Default::default()
         }
     }
 

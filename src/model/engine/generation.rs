@@ -55,8 +55,8 @@ impl Generation {
         let sampler = Sampler::new(SamplingParams {
             temperature: request.temperature.unwrap_or(s.temperature),
             top_k: s.top_k,
-            top_p: s.top_p,
-            seed: s.seed,
+            top_p: request.top_p.or(s.top_p),
+            seed: request.seed.unwrap_or(s.seed),
         });
         let max_new = request.max_output_tokens.unwrap_or(s.max_tokens) as usize;
         Self {
