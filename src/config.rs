@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Largest HTTP request body accepted (chat completions with audio and images).
     pub max_request_bytes: usize,
+    /// A realtime client that reads nothing for this long while hark has events for it
+    /// is disconnected (close code 1008) and its response cancelled.
+    pub client_read_timeout_ms: u64,
     /// How long open sessions get to finish when the daemon stops.
     pub shutdown_grace_ms: u64,
 }
@@ -291,6 +294,7 @@ impl Default for ServerConfig {
             max_sessions: 64,
             max_message_bytes: crate::protocol::MAX_CLIENT_MESSAGE_BYTES,
             max_request_bytes: 32 * 1024 * 1024,
+            client_read_timeout_ms: 10_000,
             shutdown_grace_ms: 2000,
         }
     }

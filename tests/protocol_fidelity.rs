@@ -210,3 +210,42 @@ async fn sessions_have_their_own_conversation() {
     assert_ne!(ids[0], ids[1]);
     assert!(ids.iter().all(|i| i.starts_with("conv_")), "{ids:?}");
 }
+
+/// A client that stops reading is cut off (close 1008) instead of holding its session
+/// and its response forever; another session is answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected() {
+    let model = ScriptedModel::start().await;
+    let mut cfg = test_config(&model.base_url());
+    cfg.server.client_read_timeout_ms = 300;
+    let hark = Hark::start(cfg).await;
+    // Far more text than the socket buffers hold.
+    let word = "x".repeat(4000);
+    let chunks = (0..4000).map(|_| json!({"choices": [{"index": 0, "delta": {"content": word}}]})).collect();
+    model.push(Reply::Stream { chunks, gap: Duration::ZERO });
+    let mut stalled = Client::connect(&hark.ws_url()).await;
+    stalled.send(json!({"type": "response.create"})).await;
+    model.wait_requests(1).await;
+    // Meanwhile another client is served.
+    let mut other = Client::connect(&hark.ws_url()).await;
+    other.send(json!({"type": "response.create"})).await;
+    let done = other.until("response.done").await;
+    assert_eq!(done["response"]["status"], "completed");
+    // The stalled client is dropped by hark without ever reading.
+    hark::tls::init();
+    let http = reqwest::Client::new();
+    let metrics_url = format!("http://{}/metrics", hark.addr);
+    let cut_off = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let text = http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
+            if text.contains(r#"hark_errors_total{code="client_too_slow"} 1"#) && text.contains("hark_sessions_active 1") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(cut_off.is_ok(), "the stalled session was never closed");
+    other.assert_alive().await;
+    drop(stalled);
+}

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
@@ -80,13 +81,26 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
     let close_code = Arc::new(AtomicU16::new(1001));
     let code = close_code.clone();
     let metrics = st.metrics.clone();
+    let slow = Duration::from_millis(st.config.server.client_read_timeout_ms);
+    let end_session = shutdown.clone();
     let writer = tokio::spawn(async move {
         let mut observer = crate::metrics::EventObserver::new(&metrics);
         while let Some(ev) = out_rx.recv().await {
             observer.observe(&ev);
             let Some(text) = to_wire(&ev, dialect) else { continue };
-            if sink.send(Message::text(text)).await.is_err() {
-                return;
+            match tokio::time::timeout(slow, sink.send(Message::text(text))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    // A client that stops reading would hold its session (and what it
+                    // asked of the model) forever: it is cut off, never waited for.
+                    tracing::warn!("a realtime client read nothing for {slow:?}; closing its session");
+                    metrics.errors_total.get_or_create(&crate::metrics::CodeLabel { code: "client_too_slow".into() }).inc();
+                    end_session.cancel();
+                    let close = Message::Close(Some(CloseFrame { code: 1008, reason: "client too slow".into() }));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close)).await;
+                    return;
+                }
             }
         }
         // The session ended (client gone or shutdown): say goodbye properly.
