@@ -205,14 +205,10 @@ pub fn model(presets: &[String], prompt: usize, decode: usize, device: &str, dty
 /// prefill, at several context sizes; and what an eviction at the limit costs.
 pub fn latency(preset: &str, contexts: &[usize], speech_seconds: f32, device: &str, dtype: &str) -> anyhow::Result<()> {
     use crate::model::embedded::{select_device, select_dtype, EmbeddedSettings, Engine};
-    use crate::model::gemma4::init::{write_random_checkpoint, Preset};
     use crate::model::{ChatMessage, GenerateRequest, UserPart};
     use tokio_util::sync::CancellationToken;
 
-    let p = Preset::parse(preset).ok_or_else(|| anyhow::anyhow!("unknown preset {preset}; use tiny, small or 12b"))?;
-    anyhow::ensure!(p != Preset::Gemma12B || device != "cpu", "the 12b preset is not benchmarked on CPU");
-    let dir = tempfile_dir(preset)?;
-    write_random_checkpoint(p, &dir, false, 1, |_, _| {})?;
+    let dir = random_checkpoint(preset, device)?;
     let settings = EmbeddedSettings {
         checkpoint: dir.clone(),
         device: device.into(),
@@ -319,15 +315,11 @@ pub fn engine(preset: &str, sessions: &[usize], tokens: u32, device: &str, dtype
     use std::sync::Mutex;
 
     use crate::model::embedded::{select_device, select_dtype, EmbeddedSettings, Engine};
-    use crate::model::gemma4::init::{write_random_checkpoint, Preset};
     use crate::model::{BackendEvent, ChatMessage, GenerateRequest, UserPart};
     use tokio_util::sync::CancellationToken;
 
-    let p = Preset::parse(preset).ok_or_else(|| anyhow::anyhow!("unknown preset {preset}; use tiny, small or 12b"))?;
-    anyhow::ensure!(p != Preset::Gemma12B || device != "cpu", "the 12b preset is not benchmarked on CPU");
     anyhow::ensure!(!sessions.is_empty() && !sessions.contains(&0), "--sessions needs counts of at least 1");
-    let dir = tempfile_dir(preset)?;
-    write_random_checkpoint(p, &dir, false, 1, |_, _| {})?;
+    let dir = random_checkpoint(preset, device)?;
     let settings = EmbeddedSettings {
         checkpoint: dir.clone(),
         device: device.into(),
@@ -446,5 +438,15 @@ pub fn engine(preset: &str, sessions: &[usize], tokens: u32, device: &str, dtype
 fn tempfile_dir(name: &str) -> std::io::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("hark-bench-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A random-weight checkpoint of `preset` in a temporary folder, for the model benches.
+fn random_checkpoint(preset: &str, device: &str) -> anyhow::Result<std::path::PathBuf> {
+    use crate::model::gemma4::init::{write_random_checkpoint, Preset};
+    let p = Preset::parse(preset).ok_or_else(|| anyhow::anyhow!("unknown preset {preset}; use tiny, small or 12b"))?;
+    anyhow::ensure!(p != Preset::Gemma12B || device != "cpu", "the 12b preset is not benchmarked on CPU");
+    let dir = tempfile_dir(preset)?;
+    write_random_checkpoint(p, &dir, false, 1, |_, _| {})?;
     Ok(dir)
 }
