@@ -285,7 +285,7 @@ impl ToolRegistry {
         let mut servers: BTreeMap<String, Arc<McpSupervisor>> = BTreeMap::new();
         for (name, (def, result)) in first {
             let weak: Weak<Shared> = Arc::downgrade(&shared);
-            let on_up: OnUp = Box::new(move |slot, server| {
+            let on_up: OnUp = Box::new(move |slot: &Arc<McpSupervisor>, server: &Arc<McpServer>| {
                 let Some(shared) = weak.upgrade() else { return };
                 for (path, problem) in shared.register_server(slot, server) {
                     tracing::warn!(file = %path.display(), "{problem}");
