@@ -217,9 +217,9 @@ impl McpServer {
         let result = result.map_err(|e| {
             let tail = tail_text(&self.stderr);
             if tail.is_empty() {
-                format!("MCP server {}: {e}", self.def.name)
+                format!("MCP server '{}': {e}", self.def.name)
             } else {
-                format!("MCP server {}: {e} (stderr: {tail})", self.def.name)
+                format!("MCP server '{}': {e} (stderr: {tail})", self.def.name)
             }
         })?;
         let text = result_text(&result);
