@@ -1,6 +1,11 @@
 //! `hark check`: the config, the files it names, the checkpoint, and every tool and
 //! agent YAML — the checks that need other parts of hark, kept out of `config.rs`,
 //! which validates only its own fields.
+//!
+//! MCP servers are started (as `hark tools list` does) to learn whether they run and
+//! what tools they have. One that cannot start is a problem here, although
+//! `hark serve` starts without it (its tools answer "unavailable" while it is retried
+//! in the background): `check` is the pre-flight that should fail until it is fixed.
 
 use std::path::Path;
 
@@ -78,9 +83,47 @@ pub fn check(path: &Path) -> CheckReport {
                     ));
                 }
             }
-            let _ = tools;
+            report.problems.extend(start_mcp_servers(&tools));
         }
         Err(problems) => report.problems.extend(problems),
     }
     report
+}
+
+/// Starts the set's MCP servers, then stops them: what would keep tools from running.
+fn start_mcp_servers(tools: &crate::tools::ToolSet) -> Vec<String> {
+    if tools.servers.is_empty() {
+        return Vec::new();
+    }
+    let tools = tools.clone();
+    // A runtime of its own on a thread of its own: `check` may be called from inside
+    // another runtime, where blocking on one would panic.
+    let run = std::thread::spawn(move || -> Vec<String> {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => return vec![format!("cannot start an async runtime to try the MCP servers: {e}")],
+        };
+        rt.block_on(async move {
+            let registry = match tools.start().await {
+                Ok(r) => r,
+                Err(errors) => return errors.iter().map(|e| e.to_string()).collect(),
+            };
+            let problems = registry
+                .health()
+                .into_iter()
+                .filter(|h| !h.is_running())
+                .map(|h| {
+                    format!(
+                        "{}: mcp_server {}: cannot start ({}); `hark serve` would run without its tools and keep retrying",
+                        h.source.display(),
+                        h.name,
+                        h.last_error.unwrap_or_else(|| "no reason given".into())
+                    )
+                })
+                .collect();
+            registry.shutdown().await;
+            problems
+        })
+    });
+    run.join().unwrap_or_else(|_| vec!["trying the MCP servers failed unexpectedly".to_string()])
 }

@@ -1,12 +1,14 @@
 //! MCP for real: PyPI's `mcp-server-time` as a child process over stdio, discovered,
-//! called, and stopped; servers that fail to start are clear errors naming the file.
+//! called, and stopped; servers that cannot start or that die are marked unavailable
+//! (their tools answer at once with why) and restarted, and the rest keeps working.
 //!
 //! Needs a Python with `mcp-server-time`: `HARK_TEST_PYTHON` (scripts/test sets it to
 //! `.venv/bin/python` after `pip install 'mcp-server-time==2026.10.19'`).
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use hark::tools::{AgentSet, OutcomeKind, SpecError, ToolSet};
+use hark::tools::{AgentSet, OutcomeKind, ServerState, SpecError, ToolSet};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -113,14 +115,19 @@ async fn expose_lists_filter_and_name_clashes_are_errors() {
     assert!(e.contains("ghost.yaml") && e.contains("no tool named \"get_ghost\"") && e.contains("get_current_time"), "{e}");
 }
 
+/// How long a test waits for a server to come up or go down before it fails.
+const WAIT: Duration = Duration::from_secs(30);
+
 #[tokio::test]
-async fn servers_that_fail_to_start_are_clear_errors() {
+async fn servers_that_cannot_start_leave_the_rest_working() {
     let py = python();
     let dir = tempfile::tempdir().unwrap();
     write(
         dir.path(),
         "crash.mcp.yaml",
-        &format!("mcp_server:\n  name: crash\n  command: [{py}, -c, \"import sys; sys.stderr.write('no luck today'); sys.exit(2)\"]\n"),
+        &format!(
+            "mcp_server:\n  name: crash\n  command: [{py}, -c, \"import sys; sys.stderr.write('no luck today'); sys.exit(2)\"]\n  restart_delay_ms: 50\n  max_restart_delay_ms: 200\n"
+        ),
     );
     write(
         dir.path(),
@@ -128,17 +135,178 @@ async fn servers_that_fail_to_start_are_clear_errors() {
         &format!("mcp_server:\n  name: mute\n  command: [{py}, -c, \"import time; time.sleep(60)\"]\n  startup_timeout_ms: 500\n"),
     );
     write(dir.path(), "missing.mcp.yaml", "mcp_server:\n  name: missing\n  command: [/nonexistent/server]\n");
+    // A tool file naming a tool of a server that is down, and a tool that needs no server.
+    write(dir.path(), "ghost.yaml", "name: ghost\ndescription: Ask the ghost.\nhandler: {kind: mcp, server: missing, tool: boo}\n");
+    write(dir.path(), "calc.yaml", "name: calculator\nhandler: {kind: builtin, name: calculator}\n");
     let set = ToolSet::load_dir(dir.path(), dir.path()).unwrap();
-    let start = std::time::Instant::now();
-    let errors: Vec<String> = set.start().await.unwrap_err().iter().map(SpecError::to_string).collect();
+    let start = Instant::now();
+    let reg = set.start().await.unwrap_or_else(|e| panic!("a server that cannot start must not stop the registry: {e:#?}"));
     // The mute server would sleep 60 s: its startup timeout bounds the wait.
-    assert!(start.elapsed() < std::time::Duration::from_secs(30), "a server's startup was not bounded");
-    assert_eq!(errors.len(), 3, "{errors:#?}");
-    let find = |file: &str| errors.iter().find(|e| e.contains(file)).unwrap_or_else(|| panic!("{file}: {errors:#?}")).clone();
-    let crash = find("crash.mcp.yaml");
-    assert!(crash.contains("mcp_server crash") && crash.contains("no luck today"), "{crash}");
-    let mute = find("mute.mcp.yaml");
-    assert!(mute.contains("did not answer `initialize` within 500 ms"), "{mute}");
-    let missing = find("missing.mcp.yaml");
-    assert!(missing.contains("cannot run /nonexistent/server"), "{missing}");
+    assert!(start.elapsed() < Duration::from_secs(30), "a server's startup was not bounded");
+
+    let down: std::collections::BTreeMap<String, String> = reg.unavailable().into_iter().collect();
+    assert_eq!(down.keys().map(String::as_str).collect::<Vec<_>>(), vec!["crash", "missing", "mute"], "{down:#?}");
+    assert!(down["crash"].contains("no luck today") && down["crash"].contains("restarting"), "{}", down["crash"]);
+    assert!(down["mute"].contains("did not answer `initialize` within 500 ms"), "{}", down["mute"]);
+    assert!(down["missing"].contains("cannot run /nonexistent/server"), "{}", down["missing"]);
+    let health = reg.health();
+    assert!(health.iter().all(|h| h.state == ServerState::Restarting && h.pid.is_none() && h.last_error.is_some()), "{health:#?}");
+    assert!(health.iter().find(|h| h.name == "missing").unwrap().source.ends_with("missing.mcp.yaml"), "{health:#?}");
+
+    // The named tool is declared (the model is told it is down) and answers at once.
+    assert_eq!(reg.names(), vec!["calculator", "ghost"]);
+    let decl = reg.declaration("ghost").unwrap();
+    assert!(decl.description.starts_with("[Unavailable right now: its MCP server 'missing'") && decl.description.ends_with("Ask the ghost."), "{decl:?}");
+    let t = Instant::now();
+    let out = reg.call("ghost", "{}", CancellationToken::new()).await;
+    assert!(t.elapsed() < Duration::from_secs(2), "an unavailable tool took {:?} to answer", t.elapsed());
+    assert_eq!(out.kind, OutcomeKind::Error, "{out:?}");
+    assert!(
+        out.output.starts_with("tool ghost is unavailable: MCP server 'missing' is not running (restarting")
+            && out.output.contains("cannot run /nonexistent/server"),
+        "{}",
+        out.output
+    );
+    // A tool only the server would have listed says why it is missing.
+    let out = reg.call("crash_anything", "{}", CancellationToken::new()).await;
+    assert_eq!(out.kind, OutcomeKind::Error, "{out:?}");
+    assert!(out.output.contains("MCP server 'crash' is not running") && out.output.contains("no luck today"), "{}", out.output);
+
+    // Other tools work.
+    let out = reg.call("calculator", r#"{"expression": "6 * 7"}"#, CancellationToken::new()).await;
+    assert_eq!((out.kind, out.output.as_str()), (OutcomeKind::Ok, "42"));
+
+    // Agents that name the missing servers' tools still load.
+    let adir = tempfile::tempdir().unwrap();
+    write(adir.path(), "agent.yaml", "name: a\ninstructions: x\ntools: [calculator, ghost, \"crash_*\", mute_say]\n");
+    let agents = AgentSet::load_dir(adir.path(), &reg.catalog()).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(agents.get("a").unwrap().tool_names(), vec!["calculator", "ghost"]);
+
+    // The crashing server is tried again in the background, with a growing delay.
+    let crash = reg.server("crash").unwrap();
+    let seen = crash.wait_for(|h| h.failures >= 3, WAIT).await.unwrap_or_else(|h| panic!("not retried: {h:?}"));
+    assert_eq!(seen.state, ServerState::Restarting);
+    assert!(seen.last_error.as_deref().unwrap_or("").contains("no luck today"), "{seen:?}");
+
+    reg.shutdown().await;
+    assert!(reg.health().iter().all(|h| h.state == ServerState::Stopped), "{:#?}", reg.health());
+    let out = reg.call("ghost", "{}", CancellationToken::new()).await;
+    assert!(out.output.contains("has been stopped"), "{}", out.output);
+}
+
+#[tokio::test]
+async fn a_killed_server_is_restarted_and_its_tools_work_again() {
+    let py = python();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "time.mcp.yaml", &time_server(&py, "  restart_delay_ms: 500\n"));
+    let reg = ToolSet::load_dir(dir.path(), dir.path()).unwrap().start().await.unwrap_or_else(|e| panic!("{e:#?}"));
+    let args = r#"{"timezone": "UTC"}"#;
+    let out = reg.call("time_get_current_time", args, CancellationToken::new()).await;
+    assert_eq!(out.kind, OutcomeKind::Ok, "{out:?}");
+
+    let time = reg.server("time").unwrap();
+    let pid = time.pid().unwrap();
+    let killed = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    assert!(killed.success());
+    let h = time.wait_for(|h| !h.is_running(), WAIT).await.unwrap_or_else(|h| panic!("the death was not noticed: {h:?}"));
+    assert_eq!(h.state, ServerState::Restarting);
+    // Its restart is at least restart_delay_ms away: this call finds it down.
+    let out = reg.call("time_get_current_time", args, CancellationToken::new()).await;
+    assert_eq!(out.kind, OutcomeKind::Error, "{out:?}");
+    assert!(out.output.starts_with("tool time_get_current_time is unavailable: MCP server 'time' is not running"), "{}", out.output);
+    assert!(reg.unavailable().iter().any(|(name, _)| name == "time"));
+    assert!(reg.declaration("time_get_current_time").unwrap().description.starts_with("[Unavailable"));
+
+    let h = time.wait_for(|h| h.is_running(), WAIT).await.unwrap_or_else(|h| panic!("not restarted: {h:?}"));
+    assert_eq!(h.restarts, 1, "{h:?}");
+    assert_ne!(h.pid, Some(pid));
+    let out = reg.call("time_get_current_time", args, CancellationToken::new()).await;
+    assert_eq!(out.kind, OutcomeKind::Ok, "{out:?}");
+    assert!(reg.unavailable().is_empty());
+    assert!(!reg.declaration("time_get_current_time").unwrap().description.starts_with("[Unavailable"));
+    reg.shutdown().await;
+}
+
+/// An MCP server of our own (the `mcp` SDK that mcp-server-time is built on) whose
+/// `crash` tool kills its own process while the call is running.
+const CRASHING_SERVER: &str = r#"
+import os
+from mcp.server.mcpserver import MCPServer
+server = MCPServer("crashy")
+
+@server.tool()
+def echo(text: str) -> str:
+    """Echo text."""
+    return text
+
+@server.tool()
+def crash() -> str:
+    """Kill this server in the middle of the call."""
+    os.kill(os.getpid(), 9)
+    return "unreachable"
+
+server.run()
+"#;
+
+#[tokio::test]
+async fn a_call_in_flight_when_its_server_dies_fails_at_once() {
+    let py = python();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "crashy.py", CRASHING_SERVER);
+    write(
+        dir.path(),
+        "crashy.mcp.yaml",
+        &format!("mcp_server:\n  name: crashy\n  command: [{py}, crashy.py]\n  timeout_ms: 60000\n  restart_delay_ms: 100\n"),
+    );
+    let reg = ToolSet::load_dir(dir.path(), dir.path()).unwrap().start().await.unwrap_or_else(|e| panic!("{e:#?}"));
+    let out = reg.call("crashy_echo", r#"{"text": "hi"}"#, CancellationToken::new()).await;
+    assert_eq!((out.kind, out.output.as_str()), (OutcomeKind::Ok, "hi"), "{out:?}");
+
+    let t = Instant::now();
+    let out = reg.call("crashy_crash", "{}", CancellationToken::new()).await;
+    assert!(t.elapsed() < Duration::from_secs(20), "the call waited {:?} for a dead server", t.elapsed());
+    assert_eq!(out.kind, OutcomeKind::Error, "{out:?}");
+    assert!(out.output.contains("MCP server 'crashy'"), "{}", out.output);
+
+    let crashy = reg.server("crashy").unwrap();
+    crashy.wait_for(|h| h.is_running() && h.restarts >= 1, WAIT).await.unwrap_or_else(|h| panic!("not restarted: {h:?}"));
+    let out = reg.call("crashy_echo", r#"{"text": "back"}"#, CancellationToken::new()).await;
+    assert_eq!((out.kind, out.output.as_str()), (OutcomeKind::Ok, "back"), "{out:?}");
+    reg.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_server_that_comes_up_late_brings_its_tools_to_agents() {
+    let py = python();
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("ready");
+    // mcp-server-time, refusing to start until the flag file exists.
+    let script = "import os, sys\nif not os.path.exists(sys.argv[1]): sys.exit('not ready yet')\nsys.argv = [sys.argv[0], '--local-timezone', 'UTC']\nfrom mcp_server_time import main\nmain()\n";
+    write(dir.path(), "late.py", script);
+    write(
+        dir.path(),
+        "time.mcp.yaml",
+        &format!("mcp_server:\n  name: time\n  command: [{py}, late.py, {}]\n  restart_delay_ms: 100\n  max_restart_delay_ms: 400\n", flag.display()),
+    );
+    let reg = ToolSet::load_dir(dir.path(), dir.path()).unwrap().start().await.unwrap_or_else(|e| panic!("{e:#?}"));
+    assert!(reg.unavailable()[0].1.contains("not ready yet"), "{:?}", reg.unavailable());
+    assert!(reg.names().is_empty());
+
+    let adir = tempfile::tempdir().unwrap();
+    write(adir.path(), "agent.yaml", "name: a\ninstructions: x\ntools:\n  - \"time_*\"\n  - {name: time_convert_time, cancel_on_interruption: false}\n");
+    let agents = AgentSet::load_dir(adir.path(), &reg.catalog()).unwrap_or_else(|e| panic!("{e:#?}"));
+    let agent = agents.get("a").unwrap();
+    assert!(agent.tool_names().is_empty());
+    assert!(agent.tool("time_get_current_time").is_none());
+
+    std::fs::write(&flag, "").unwrap();
+    let time = reg.server("time").unwrap();
+    time.wait_for(|h| h.is_running(), WAIT).await.unwrap_or_else(|h| panic!("never came up: {h:?}"));
+    assert_eq!(agent.tool_names(), vec!["time_convert_time", "time_get_current_time"]);
+    assert!(agent.tool("time_get_current_time").is_some_and(|t| t.cancel_on_interruption));
+    assert!(agent.tool("time_convert_time").is_some_and(|t| !t.cancel_on_interruption));
+    assert!(agent.tool("time_nonexistent").is_none());
+    let out = reg.call("time_get_current_time", r#"{"timezone": "UTC"}"#, CancellationToken::new()).await;
+    assert_eq!(out.kind, OutcomeKind::Ok, "{out:?}");
+    reg.shutdown().await;
 }

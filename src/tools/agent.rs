@@ -5,10 +5,13 @@
 //! [`AgentSet::load_dir`] resolves tool names and globs against a [`ToolCatalog`]:
 //! [`super::ToolSet::catalog`] for `hark check` (where an MCP server's tools are not
 //! known yet, so names under its `<server>_` prefix are accepted), or
-//! [`super::ToolRegistry::catalog`] once everything runs (exact).
+//! [`super::ToolRegistry::catalog`] once everything runs (exact, except under the
+//! prefix of a server that is not running yet: an agent naming its tools loads, and
+//! gets them when the server comes up — see [`Agent::tool_names`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -22,13 +25,44 @@ pub const MAX_TOOL_ROUNDS: u32 = 16;
 /// Tokens per image the embedded model accepts (one per 48×48 patch).
 pub const IMAGE_TOKEN_BUDGETS: [u32; 5] = [70, 140, 280, 560, 1120];
 
+/// The names of the tools registered right now (a registry's tools change as MCP
+/// servers come up), for agents whose tools were not all known when they loaded.
+#[derive(Clone)]
+pub struct LiveTools(Arc<dyn Fn() -> Vec<String> + Send + Sync>);
+
+impl LiveTools {
+    pub fn new(names: impl Fn() -> Vec<String> + Send + Sync + 'static) -> Self {
+        LiveTools(Arc::new(names))
+    }
+
+    fn names(&self) -> Vec<String> {
+        (self.0)()
+    }
+}
+
+impl PartialEq for LiveTools {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for LiveTools {}
+
+impl std::fmt::Debug for LiveTools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveTools")
+    }
+}
+
 /// The tool names agents can be resolved against, with each tool's
 /// `cancel_on_interruption` default.
 #[derive(Debug, Clone, Default)]
 pub struct ToolCatalog {
     tools: BTreeMap<String, bool>,
-    /// Prefixes (`<server>_`) under which tools exist that are only known at run time.
-    open_prefixes: Vec<String>,
+    /// Prefixes (`<server>_`) under which tools exist that are only known at run time,
+    /// with the server's `cancel_on_interruption` default.
+    open_prefixes: Vec<(String, bool)>,
+    live: Option<LiveTools>,
 }
 
 impl ToolCatalog {
@@ -36,8 +70,13 @@ impl ToolCatalog {
         self.tools.insert(name.to_string(), cancel_on_interruption);
     }
 
-    pub fn open_prefix(&mut self, prefix: &str) {
-        self.open_prefixes.push(prefix.to_string());
+    pub fn open_prefix(&mut self, prefix: &str, cancel_on_interruption: bool) {
+        self.open_prefixes.push((prefix.to_string(), cancel_on_interruption));
+    }
+
+    /// Where agents look up, each time they are asked, tools under an open prefix.
+    pub fn set_live(&mut self, live: LiveTools) {
+        self.live = Some(live);
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -48,10 +87,14 @@ impl ToolCatalog {
         self.tools.keys().filter(|n| glob_match(glob, n)).map(String::as_str).collect()
     }
 
-    /// Whether `pattern` may name tools that only a running MCP server will list.
-    fn maybe_open(&self, pattern: &str) -> bool {
+    /// The open prefix `pattern` may name tools under (tools only a running MCP
+    /// server will list), with its interruption default.
+    fn maybe_open(&self, pattern: &str) -> Option<bool> {
         let literal: &str = pattern.split(['*', '?']).next().unwrap_or("");
-        self.open_prefixes.iter().any(|p| literal.starts_with(p.as_str()) || (p.starts_with(literal) && literal.len() < pattern.len()))
+        self.open_prefixes
+            .iter()
+            .find(|(p, _)| literal.starts_with(p.as_str()) || (p.starts_with(literal) && literal.len() < pattern.len()))
+            .map(|(_, cancel)| *cancel)
     }
 }
 
@@ -187,6 +230,10 @@ pub struct AgentTool {
     pub name: String,
     /// Cancel the call when the user barges in (the tool's default unless overridden).
     pub cancel_on_interruption: bool,
+    /// Set on an entry that matched nothing when the agent loaded because its MCP
+    /// server was not running: `name` is then the agent's name or glob, matched
+    /// against the tools registered at the time of asking.
+    pub pending: Option<LiveTools>,
 }
 
 #[derive(Debug, Clone)]
@@ -204,14 +251,37 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The agent's tools: those resolved when it loaded, then the tools of MCP servers
+    /// that came up since and that a pending entry names.
     pub fn tool_names(&self) -> Vec<String> {
-        self.tools.iter().map(|t| t.name.clone()).collect()
+        let mut names: Vec<String> = self.tools.iter().filter(|t| t.pending.is_none()).map(|t| t.name.clone()).collect();
+        for entry in &self.tools {
+            if let Some(live) = &entry.pending {
+                for name in live.names() {
+                    if glob_match(&entry.name, &name) && !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+            }
+        }
+        names
     }
 
+    /// The agent's entry for `name`. For a tool of a server that came up after the
+    /// agent loaded, that is the pending entry that admits it (its `name` is the
+    /// agent's pattern; its `cancel_on_interruption` applies).
     pub fn tool(&self, name: &str) -> Option<&AgentTool> {
-        self.tools.iter().find(|t| t.name == name)
+        if let Some(t) = self.tools.iter().find(|t| t.pending.is_none() && t.name == name) {
+            return Some(t);
+        }
+        // The last entry that admits it wins, as a later entry's override does above.
+        self.tools.iter().rev().find(|t| match &t.pending {
+            Some(live) => glob_match(&t.name, name) && live.names().iter().any(|n| n == name),
+            None => false,
+        })
     }
 }
+
 
 #[derive(Debug, Clone, Default)]
 pub struct AgentSet {
@@ -267,6 +337,12 @@ impl AgentSet {
     }
 }
 
+/// One agent file given as text, resolved against `catalog`, as [`AgentSet::load_dir`]
+/// reads each file. For fuzzing and for tools that edit files.
+pub fn parse_agent_text(path: &Path, text: &str, catalog: &ToolCatalog) -> Result<Agent, Vec<SpecError>> {
+    parse_agent(&SourceFile { path: path.to_path_buf(), text: text.to_string() }, catalog)
+}
+
 fn parse_agent(src: &SourceFile, catalog: &ToolCatalog) -> Result<Agent, Vec<SpecError>> {
     if src.text.trim().is_empty() {
         return Err(vec![src.error("name", "the file is empty (an agent needs at least name and instructions)")]);
@@ -320,8 +396,13 @@ fn parse_agent(src: &SourceFile, catalog: &ToolCatalog) -> Result<Agent, Vec<Spe
             Vec::new()
         };
         if names.is_empty() {
-            if catalog.maybe_open(&entry.name) {
-                continue; // an MCP server's tool, known once it runs
+            if let Some(default) = catalog.maybe_open(&entry.name) {
+                // An MCP server's tool, known once it runs.
+                if let Some(live) = &catalog.live {
+                    let cancel_on_interruption = entry.cancel_on_interruption.unwrap_or(default);
+                    tools.push(AgentTool { name: entry.name.clone(), cancel_on_interruption, pending: Some(live.clone()) });
+                }
+                continue;
             }
             let problem = if is_glob {
                 format!("no tool matches {:?}", entry.name)
@@ -333,13 +414,13 @@ fn parse_agent(src: &SourceFile, catalog: &ToolCatalog) -> Result<Agent, Vec<Spe
         }
         for name in names {
             let cancel = entry.cancel_on_interruption.unwrap_or_else(|| catalog.tools.get(&name).copied().unwrap_or(true));
-            match tools.iter_mut().find(|t| t.name == name) {
+            match tools.iter_mut().find(|t| t.pending.is_none() && t.name == name) {
                 Some(t) => {
                     if entry.cancel_on_interruption.is_some() {
                         t.cancel_on_interruption = cancel;
                     }
                 }
-                None => tools.push(AgentTool { name, cancel_on_interruption: cancel }),
+                None => tools.push(AgentTool { name, cancel_on_interruption: cancel, pending: None }),
             }
         }
     }

@@ -7,17 +7,22 @@
 //! error messages. A server that does not answer `initialize` and `tools/list` within
 //! `startup_timeout_ms` is a start error naming its file. Results: text content is
 //! joined; other content is named, not inlined; `isError` makes an error result.
+//!
+//! The connection's end (the process exited, its pipes broke, or [`McpServer::shutdown`])
+//! is watched: [`McpServer::closed`] fires, calls in flight end with an error instead
+//! of waiting for their timeout, and the supervisor ([`super::supervisor`]) restarts it.
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock};
-use rmcp::service::{RoleClient, RunningService};
+use rmcp::service::{RoleClient, RunningServiceCancellationToken};
 use rmcp::transport::TokioChildProcess;
 use rmcp::{Peer, ServiceExt};
 use serde_json::{Map, Value};
 use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
 
 use super::spec::McpServerDef;
 
@@ -39,7 +44,11 @@ pub struct McpServer {
     pub def: McpServerDef,
     pub tools: Vec<McpToolInfo>,
     peer: Peer<RoleClient>,
-    service: tokio::sync::Mutex<Option<RunningService<RoleClient, ()>>>,
+    /// Ends the connection (and so the child, which is killed on drop).
+    stop: Mutex<Option<RunningServiceCancellationToken>>,
+    /// The task that owns the connection and fires `closed` when it ends.
+    watcher: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    closed: CancellationToken,
     stderr: Arc<Mutex<Vec<u8>>>,
     pid: Option<u32>,
 }
@@ -142,12 +151,50 @@ impl McpServer {
             })
             .collect();
         let peer = service.peer().clone();
-        Ok(McpServer { def: def.clone(), tools, peer, service: tokio::sync::Mutex::new(Some(service)), stderr, pid })
+        let stop = service.cancellation_token();
+        let closed = CancellationToken::new();
+        let fire = closed.clone();
+        let watcher = tokio::spawn(async move {
+            // The service loop ends when the child's stdout closes (it exited or its
+            // pipes broke) or when it is cancelled; dropping it kills the child.
+            let _ = service.waiting().await;
+            fire.cancel();
+        });
+        Ok(McpServer {
+            def: def.clone(),
+            tools,
+            peer,
+            stop: Mutex::new(Some(stop)),
+            watcher: tokio::sync::Mutex::new(Some(watcher)),
+            closed,
+            stderr,
+            pid,
+        })
     }
 
-    /// The server's process id while it runs.
+    /// The server's process id (it was started with this id; see [`Self::is_closed`]).
     pub fn pid(&self) -> Option<u32> {
         self.pid
+    }
+
+    /// Resolves when the connection has ended: the process exited, its pipes broke,
+    /// or it was shut down.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Why the connection ended, for messages: the end of its stderr when it left any.
+    pub fn exit_reason(&self) -> String {
+        let tail = tail_text(&self.stderr);
+        if tail.is_empty() {
+            "its process exited or closed its pipes".to_string()
+        } else {
+            format!("its process exited or closed its pipes; its stderr ends with: {tail}")
+        }
     }
 
     pub fn tool(&self, name: &str) -> Option<&McpToolInfo> {
@@ -157,12 +204,22 @@ impl McpServer {
     /// Calls one tool. `Err` is a message for the model.
     pub async fn call(&self, tool: &str, args: Map<String, Value>) -> Result<String, String> {
         let params = CallToolRequestParams::new(tool.to_string()).with_arguments(args);
-        let result = self.peer.call_tool(params).await.map_err(|e| {
+        if self.is_closed() {
+            return Err(format!("MCP server '{}' is not running: {}", self.def.name, self.exit_reason()));
+        }
+        let result = tokio::select! {
+            r = self.peer.call_tool(params) => r,
+            // The call's answer can never come: say so now rather than at the timeout.
+            _ = self.closed.cancelled() => {
+                return Err(format!("MCP server '{}' stopped during the call: {}", self.def.name, self.exit_reason()));
+            }
+        };
+        let result = result.map_err(|e| {
             let tail = tail_text(&self.stderr);
             if tail.is_empty() {
-                format!("MCP server {}: {e}", self.def.name)
+                format!("MCP server '{}': {e}", self.def.name)
             } else {
-                format!("MCP server {}: {e} (stderr: {tail})", self.def.name)
+                format!("MCP server '{}': {e} (stderr: {tail})", self.def.name)
             }
         })?;
         let text = result_text(&result);
@@ -175,8 +232,22 @@ impl McpServer {
 
     /// Closes the connection; the child is killed if it does not exit.
     pub async fn shutdown(&self) {
-        if let Some(mut s) = self.service.lock().await.take() {
-            let _ = s.close().await;
+        let stop = self.stop.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(stop) = stop {
+            stop.cancel();
+        }
+        if let Some(watcher) = self.watcher.lock().await.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), watcher).await;
+        }
+    }
+}
+
+impl Drop for McpServer {
+    fn drop(&mut self) {
+        // The watcher task owns the connection: without this it (and the child) would
+        // outlive a server dropped without `shutdown`.
+        if let Some(stop) = self.stop.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            stop.cancel();
         }
     }
 }

@@ -9,7 +9,9 @@
 //!   and always answers with a [`ToolOutcome`].
 //! - Executors: [`builtin`] (clock, notes; [`calculator`] is its parser), [`command`]
 //!   (argv, no shell), [`http`] (templated URLs, host allowlist), [`mcp`] (MCP servers
-//!   over stdio via `rmcp`).
+//!   over stdio via `rmcp`); [`supervisor`] keeps each MCP server running — one that
+//!   cannot start or stops is marked unavailable and restarted with backoff, and the
+//!   rest of hark goes on without it.
 //! - [`template`]: `{param}` and `${ENV:NAME}` templates; [`yaml`]: reading files and
 //!   reporting `file:line: field: problem`.
 //!
@@ -23,12 +25,14 @@ pub mod http;
 pub mod mcp;
 pub mod registry;
 pub mod spec;
+pub mod supervisor;
 pub mod template;
 pub mod yaml;
 
-pub use agent::{Agent, AgentSet, AgentTool, ToolCatalog};
+pub use agent::{Agent, AgentSet, AgentTool, LiveTools, ToolCatalog};
 pub use registry::{OutcomeKind, ToolDeclaration, ToolOutcome, ToolRegistry};
 pub use spec::{ToolDef, ToolSet};
+pub use supervisor::{McpSupervisor, ServerHealth, ServerState};
 pub use yaml::SpecError;
 
 /// `*` (any run of characters) and `?` (one character) globs over tool names; every

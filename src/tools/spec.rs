@@ -25,6 +25,10 @@ pub const DEFAULT_HTTP_TIMEOUT_MS: u64 = 15_000;
 pub const DEFAULT_COMMAND_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_MCP_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_STARTUP_TIMEOUT_MS: u64 = 10_000;
+/// An MCP server that stopped or could not start is tried again after this delay,
+/// doubled after each failure up to the maximum.
+pub const DEFAULT_RESTART_DELAY_MS: u64 = 1_000;
+pub const DEFAULT_MAX_RESTART_DELAY_MS: u64 = 60_000;
 pub const MAX_TIMEOUT_MS: u64 = 600_000;
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
@@ -171,6 +175,10 @@ struct RawServer {
     timeout_ms: Option<u64>,
     #[serde(default)]
     cancel_on_interruption: Option<bool>,
+    #[serde(default)]
+    restart_delay_ms: Option<u64>,
+    #[serde(default)]
+    max_restart_delay_ms: Option<u64>,
 }
 
 /// Which of an MCP server's tools are registered as `<server>_<tool>`.
@@ -327,6 +335,10 @@ pub struct McpServerDef {
     /// Call timeout and interruption default of the tools it exposes.
     pub timeout: Duration,
     pub cancel_on_interruption: bool,
+    /// The first delay before starting it again after it stopped or failed to start.
+    pub restart_delay: Duration,
+    /// The longest such delay (it doubles up to this).
+    pub max_restart_delay: Duration,
     pub source: PathBuf,
 }
 
@@ -383,7 +395,7 @@ impl ToolSet {
         }
         for s in &self.servers {
             if s.expose != Expose::None {
-                catalog.open_prefix(&format!("{}_", s.name));
+                catalog.open_prefix(&format!("{}_", s.name), s.cancel_on_interruption);
             }
         }
         catalog
@@ -394,6 +406,13 @@ impl ToolSet {
     pub async fn start(&self) -> Result<ToolRegistry, Vec<SpecError>> {
         ToolRegistry::start(self).await
     }
+}
+
+/// Validates one tool or MCP server file given as text, as [`ToolSet::load_dir`] does
+/// each file (checks between files aside). For fuzzing and for tools that edit files.
+pub fn check_tool_text(path: &Path, text: &str, base_dir: &Path) -> Result<(), Vec<SpecError>> {
+    let src = SourceFile { path: path.to_path_buf(), text: text.to_string() };
+    parse_file(&src, base_dir).map(|_| ())
 }
 
 enum Parsed {
@@ -744,6 +763,14 @@ fn parse_server(src: &SourceFile, raw: RawServer, base_dir: &Path) -> Result<Mcp
     check_env_names(src, "mcp_server.env", &raw.env, &mut errors);
     let startup = timeout(src, "mcp_server.startup_timeout_ms", raw.startup_timeout_ms, DEFAULT_STARTUP_TIMEOUT_MS, &mut errors);
     let call = timeout(src, "mcp_server.timeout_ms", raw.timeout_ms, DEFAULT_MCP_TIMEOUT_MS, &mut errors);
+    let restart = timeout(src, "mcp_server.restart_delay_ms", raw.restart_delay_ms, DEFAULT_RESTART_DELAY_MS, &mut errors);
+    let max_restart = timeout(src, "mcp_server.max_restart_delay_ms", raw.max_restart_delay_ms, DEFAULT_MAX_RESTART_DELAY_MS, &mut errors);
+    if max_restart < restart {
+        errors.push(src.error(
+            "mcp_server.max_restart_delay_ms",
+            format!("{} is below restart_delay_ms ({})", max_restart.as_millis(), restart.as_millis()),
+        ));
+    }
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -759,6 +786,8 @@ fn parse_server(src: &SourceFile, raw: RawServer, base_dir: &Path) -> Result<Mcp
         startup_timeout: startup,
         timeout: call,
         cancel_on_interruption: raw.cancel_on_interruption.unwrap_or(true),
+        restart_delay: restart,
+        max_restart_delay: max_restart,
         source: src.path.clone(),
     })
 }
