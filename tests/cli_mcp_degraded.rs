@@ -86,8 +86,15 @@ fn serve_starts_without_a_server_that_cannot_start() {
     write!(stream, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
+    // /readyz says it serves degraded, and which server is down.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut ready = String::new();
+    let _ = stream.read_to_string(&mut ready);
     let _ = child.kill();
     let _ = child.wait();
     assert!(warned, "no warning naming the server and why:\n{}", seen.join("\n"));
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(ready.starts_with("HTTP/1.1 200") && ready.contains("\"status\":\"degraded\"") && ready.contains("\"gone\""), "{ready}");
 }

@@ -168,13 +168,22 @@ async fn metrics(axum::extract::State(st): axum::extract::State<AppState>) -> im
 }
 
 /// Ready to serve: the model is loaded and the tools started (both happen before the
-/// server listens), and the daemon is not shutting down.
+/// server listens), and the daemon is not shutting down. An MCP server that is down
+/// (restarting with backoff) makes hark `degraded`, still 200: voice and the other
+/// tools work.
 async fn readyz(axum::extract::State(st): axum::extract::State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
+    let degraded = !st.deps.tools.unavailable().is_empty();
+    let status = match (st.shutdown.is_cancelled(), degraded) {
+        (true, _) => "shutting_down",
+        (false, true) => "degraded",
+        (false, false) => "ready",
+    };
     let body = json!({
-        "status": if st.shutdown.is_cancelled() { "shutting_down" } else { "ready" },
+        "status": status,
         "backend": st.deps.backend.name(),
         "tools": st.deps.tools.names().len(),
+        "mcp_servers": st.deps.tools.health(),
         "sessions": st.metrics.sessions_active.get(),
     });
     let status = if st.shutdown.is_cancelled() { axum::http::StatusCode::SERVICE_UNAVAILABLE } else { axum::http::StatusCode::OK };
