@@ -125,6 +125,21 @@ impl McpSupervisor {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The server is down for `reason`; the next attempt is `retry_in` away. `false`:
+    /// the supervisor was stopped meanwhile (nothing to retry).
+    fn mark_down(&self, reason: String, retry_in: Duration, failed_start: bool) -> bool {
+        let mut inner = self.lock();
+        if matches!(inner.slot, Slot::Stopped) {
+            return false;
+        }
+        inner.slot = Slot::Down { reason: reason.clone(), retry_at: Instant::now() + retry_in };
+        inner.last_error = Some(reason);
+        if failed_start {
+            inner.failures += 1;
+        }
+        true
+    }
+
     fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -265,13 +280,8 @@ async fn supervise(sup: Arc<McpSupervisor>, on_up: OnUp) {
                 "MCP server stopped; its tools are unavailable until it restarts (in {} ms): {reason}",
                 next.as_millis()
             );
-            {
-                let mut inner = sup.lock();
-                if matches!(inner.slot, Slot::Stopped) {
-                    return;
-                }
-                inner.slot = Slot::Down { reason: reason.clone(), retry_at: Instant::now() + next };
-                inner.last_error = Some(reason);
+            if !sup.mark_down(reason, next, false) {
+                return;
             }
             next = grow(next);
             sup.changed();
@@ -317,14 +327,8 @@ async fn supervise(sup: Arc<McpSupervisor>, on_up: OnUp) {
                     "MCP server could not start again (next attempt in {} ms): {reason}",
                     next.as_millis()
                 );
-                {
-                    let mut inner = sup.lock();
-                    if matches!(inner.slot, Slot::Stopped) {
-                        return;
-                    }
-                    inner.slot = Slot::Down { reason: reason.clone(), retry_at: Instant::now() + next };
-                    inner.last_error = Some(reason);
-                    inner.failures += 1;
+                if !sup.mark_down(reason, next, true) {
+                    return;
                 }
                 next = grow(next);
                 sup.changed();
