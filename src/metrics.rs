@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::protocol::ServerEvent;
+use crate::protocol::{ItemKind, ServerEvent};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
@@ -157,10 +157,7 @@ impl<'m> EventObserver<'m> {
                     m.observe_stage("first_token", (now - t).as_secs_f64());
                 }
             }
-            ServerEvent::ResponseMcpCallInProgress { item_id, .. } => {
-                self.tool_calls.entry(item_id.clone()).or_insert_with(|| (String::new(), now));
-            }
-            ServerEvent::ResponseOutputItemAdded { item, .. } if item.name.is_some() => {
+            ServerEvent::ResponseOutputItemAdded { item, .. } if item.kind == ItemKind::McpCall => {
                 self.tool_calls.insert(item.id.clone(), (item.name.clone().unwrap_or_default(), now));
             }
             ServerEvent::ResponseMcpCallCompleted { item_id, .. } | ServerEvent::ResponseMcpCallFailed { item_id, .. } => {
@@ -177,6 +174,10 @@ impl<'m> EventObserver<'m> {
                 if let Some(t) = self.response_start.take() {
                     m.observe_stage("response", (now - t).as_secs_f64());
                 }
+                // Every call of a finished response has its completed/failed event by
+                // now, except tools left running after a cancel: forget those, so a long
+                // session's map stays bounded.
+                self.tool_calls.clear();
             }
             _ => {}
         }

@@ -459,6 +459,8 @@ enum End {
 }
 
 struct CallOut {
+    /// The backend's index for the call, which its argument deltas name.
+    backend_index: usize,
     id: String,
     name: String,
     arguments: String,
@@ -510,16 +512,14 @@ impl Accumulator {
                 None
             }
             BackendEvent::TextDelta(_) => None,
-            BackendEvent::ToolCallStart { index: _, call_id, name } => {
+            BackendEvent::ToolCallStart { index: backend_index, call_id, name } => {
                 let index = self.calls.len();
                 emit(json!({"tool_calls": [{"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}]}));
-                self.calls.push(CallOut { id: call_id, name, arguments: String::new() });
+                self.calls.push(CallOut { backend_index, id: call_id, name, arguments: String::new() });
                 None
             }
             BackendEvent::ToolCallArgumentsDelta { index, delta } => {
-                // Backend indexes count calls of the response in order, as ours do.
-                let at = index.min(self.calls.len().saturating_sub(1));
-                if let Some(c) = self.calls.get_mut(at) {
+                if let Some((at, c)) = self.calls.iter_mut().enumerate().rev().find(|(_, c)| c.backend_index == index) {
                     c.arguments.push_str(&delta);
                     emit(json!({"tool_calls": [{"index": at, "function": {"arguments": delta}}]}));
                 }
@@ -589,6 +589,24 @@ mod tests {
         acc.feed(BackendEvent::TextDelta("say EN".into()), &CancellationToken::new(), &mut emit);
         acc.feed(BackendEvent::Done { finish: FinishReason::Stop, usage: None }, &CancellationToken::new(), &mut emit);
         assert_eq!(out, "say EN");
+    }
+
+    #[test]
+    fn argument_deltas_go_to_the_call_the_backend_names() {
+        let mut acc = Accumulator::new(Vec::new());
+        let cancel = CancellationToken::new();
+        let mut deltas = Vec::new();
+        let mut emit = |v: Value| deltas.push(v);
+        for ev in [
+            BackendEvent::ToolCallStart { index: 3, call_id: "a".into(), name: "f".into() },
+            BackendEvent::ToolCallStart { index: 5, call_id: "b".into(), name: "g".into() },
+            BackendEvent::ToolCallArgumentsDelta { index: 3, delta: "{}".into() },
+            BackendEvent::ToolCallArgumentsDelta { index: 5, delta: "{\"x\":1}".into() },
+        ] {
+            acc.feed(ev, &cancel, &mut emit);
+        }
+        assert_eq!((acc.calls[0].arguments.as_str(), acc.calls[1].arguments.as_str()), ("{}", "{\"x\":1}"));
+        assert_eq!(deltas[3]["tool_calls"][0]["index"], 1, "clients see the calls numbered from 0");
     }
 
     #[test]

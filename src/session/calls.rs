@@ -32,15 +32,12 @@ impl CallAnswer {
         }
     }
 
-    /// As the model reads it: `{"result": …}` (the output itself when it is JSON) or
-    /// `{"error": "…"}`.
+    /// As the model reads it: `{"result": …}` or `{"error": "…"}`, rendered by the one
+    /// place that knows that shape ([`ToolOutcome::to_json_output`]).
     pub fn for_model(&self) -> String {
         match self {
-            CallAnswer::Result(out) => {
-                let value = serde_json::from_str::<Value>(out).unwrap_or_else(|_| Value::String(out.clone()));
-                json!({ "result": value }).to_string()
-            }
-            CallAnswer::Error(msg) => json!({ "error": msg }).to_string(),
+            CallAnswer::Result(out) => ToolOutcome::ok(out.as_str()).to_json_output(),
+            CallAnswer::Error(msg) => ToolOutcome::error(msg.as_str()).to_json_output(),
         }
     }
 
