@@ -153,50 +153,215 @@ fn run_once(factory: &VadFactory, signal: &Arc<Vec<u8>>, streams: usize, paced: 
     })
 }
 
-/// `hark bench model`: prefill and decode speed of the embedded model on random-weight
-/// presets (written to a temporary folder first).
-pub fn model(presets: &[String], prompt: usize, decode: usize, device: &str, dtypes: &[String]) -> anyhow::Result<()> {
-    use crate::model::embedded::{select_device, select_dtype};
-    use crate::model::gemma4::init::{write_random_checkpoint, Preset};
-    use crate::model::gemma4::{loader, ForwardInput};
+/// What `hark bench model` measures; see `hark bench model --help`.
+pub struct ModelBench {
+    pub presets: Vec<String>,
+    pub dtypes: Vec<String>,
+    pub device: String,
+    /// Prompt lengths for the prefill rows.
+    pub prompts: Vec<usize>,
+    /// Tokens per prefill call (what the engine's scheduler uses); 0 = the whole prompt at once.
+    pub chunk: usize,
+    /// Tokens decoded per measurement.
+    pub decode: usize,
+    /// Sequences decoded together (1 = the single-sequence path).
+    pub batches: Vec<usize>,
+    /// Context sizes for the streaming rows (audio frame cost, end of speech → first token).
+    pub contexts: Vec<usize>,
+    /// Split a batch-1 decode step into weight reads, host time and the rest.
+    pub profile: bool,
+    /// Also write every number as JSON here (for `scripts/bench-gpu`).
+    pub json: Option<std::path::PathBuf>,
+}
 
-    let dev = select_device(device)?;
+fn sync(dev: &candle_core::Device) -> anyhow::Result<()> {
+    dev.synchronize()?;
+    Ok(())
+}
+
+/// `hark bench model`: prefill, decode (batched too) and streaming-turn costs of the
+/// embedded model on random-weight presets built directly on the device.
+pub fn model(b: &ModelBench) -> anyhow::Result<()> {
+    use crate::model::embedded::{select_device, select_dtype};
+    use crate::model::gemma4::init::{random_model, Preset};
+    use crate::model::gemma4::{audio_frames, ForwardInput, KvCache};
+    use candle_core::{Tensor, D};
+
+    let dev = select_device(&b.device)?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    println!("hark bench model: random-weight presets on {device} ({cores} cores); prefill {prompt} tokens in one call, then decode {decode} tokens one at a time\n");
-    println!("| preset | dtype | params | prefill tok/s | decode tok/s | decode ms/token |");
-    println!("|--------|-------|-------:|--------------:|-------------:|----------------:|");
-    for name in presets {
-        let preset = Preset::parse(name).ok_or_else(|| anyhow::anyhow!("unknown preset {name}"))?;
-        anyhow::ensure!(preset != Preset::Gemma12B || device != "cpu", "the 12b preset is not benchmarked on CPU");
-        let dir = tempfile_dir(name)?;
-        write_random_checkpoint(preset, &dir, false, 1, |_, _| {})?;
-        for dt in dtypes {
+    let chunk_text = if b.chunk == 0 { "in one call".to_string() } else { format!("in chunks of {}", b.chunk) };
+    println!(
+        "hark bench model: random-weight presets on {} ({cores} cores); prefill {chunk_text}; decode {} tokens per sequence, \
+         greedy on the device, after a {}-token prompt\n",
+        b.device,
+        b.decode,
+        b.prompts.first().copied().unwrap_or(512)
+    );
+    let mut json_rows = Vec::new();
+    for name in &b.presets {
+        let preset = Preset::parse(name).ok_or_else(|| anyhow::anyhow!("unknown preset {name}; use tiny, small or 12b"))?;
+        anyhow::ensure!(preset != Preset::Gemma12B || b.device != "cpu", "the 12b preset is not benchmarked on CPU");
+        for dt in &b.dtypes {
             let dtype = select_dtype(dt)?;
-            let model = loader::load(&dir, dtype, &dev)?;
-            let params = std::fs::metadata(dir.join("model.safetensors"))?.len() / 4;
-            let tokens: Vec<u32> = (0..prompt as u32).map(|i| 300 + (i * 7919) % 5000).collect();
-            let mut cache = model.new_cache();
-            // One warm-up call so first-touch page faults of the weights are not timed.
-            model.forward(&ForwardInput { tokens: &tokens[..8], ..Default::default() }, &mut model.new_cache())?;
-            let t = Instant::now();
-            let mut logits = model.forward(&ForwardInput { tokens: &tokens, ..Default::default() }, &mut cache)?;
-            let prefill = t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            for _ in 0..decode {
-                let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-                let next = crate::model::gemma4::sampling::argmax(&row);
-                logits = model.forward(&ForwardInput { tokens: &[next], ..Default::default() }, &mut cache)?;
+            let t0 = Instant::now();
+            let model = random_model(preset, dtype, &dev)?;
+            sync(&dev)?;
+            let built = t0.elapsed().as_secs_f64();
+            let bytes: usize = model.weight_matrices().iter().map(|w| w.elem_count() * w.dtype().size_in_bytes()).sum();
+            println!("### {name} {dt}: {:.2} GB of matrices read per decode step (built in {built:.1} s)\n", bytes as f64 / 1e9);
+            let prompt = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| 300 + (i * 7919) % 5000).collect() };
+            let prefill = |cache: &mut KvCache, tokens: &[u32]| -> anyhow::Result<Tensor> {
+                let step = if b.chunk == 0 { tokens.len() } else { b.chunk };
+                let mut last = None;
+                for part in tokens.chunks(step.max(1)) {
+                    last = Some(model.forward(&ForwardInput { tokens: part, ..Default::default() }, cache)?);
+                }
+                last.ok_or_else(|| anyhow::anyhow!("empty prompt"))
+            };
+            let argmax = |logits: &Tensor| -> anyhow::Result<Vec<u32>> { Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?) };
+            // Warm-up: kernels load, cuBLAS picks its algorithms, memory pools fill.
+            let mut warm = model.new_cache();
+            argmax(&prefill(&mut warm, &prompt(64))?)?;
+            drop(warm);
+
+            println!("| prefill tokens | ms | tok/s |");
+            println!("|--:|--:|--:|");
+            for &p in &b.prompts {
+                let mut cache = model.new_cache();
+                sync(&dev)?;
+                let t = Instant::now();
+                argmax(&prefill(&mut cache, &prompt(p))?)?;
+                let s = t.elapsed().as_secs_f64();
+                println!("| {p} | {:.1} | {:.0} |", s * 1e3, p as f64 / s);
+                json_rows.push(serde_json::json!({"preset": name, "dtype": dt, "what": "prefill", "tokens": p, "tok_s": p as f64 / s}));
             }
-            let dec = t.elapsed().as_secs_f64();
-            println!(
-                "| {name:<6} | {dt:<5} | {:>5.0}M | {:>13.0} | {:>12.1} | {:>15.1} |",
-                params as f64 / 1e6,
-                prompt as f64 / prefill,
-                decode as f64 / dec,
-                dec * 1000.0 / decode as f64
-            );
+
+            println!("\n| decode batch | ms/step | tok/s per sequence | tok/s aggregate |");
+            println!("|--:|--:|--:|--:|");
+            let base = b.prompts.first().copied().unwrap_or(512);
+            for &batch in &b.batches {
+                let mut caches: Vec<KvCache> = Vec::with_capacity(batch);
+                let mut next = Vec::with_capacity(batch);
+                for i in 0..batch {
+                    let mut c = model.new_cache();
+                    let mut toks = prompt(base);
+                    toks[0] += i as u32; // distinct sequences
+                    next.push(argmax(&prefill(&mut c, &toks)?)?[0]);
+                    caches.push(c);
+                }
+                sync(&dev)?;
+                let t = Instant::now();
+                for _ in 0..b.decode {
+                    let logits = if batch == 1 {
+                        model.forward(&ForwardInput { tokens: &next, ..Default::default() }, &mut caches[0])?
+                    } else {
+                        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                        model.forward_batch(&next, &mut refs)?
+                    };
+                    next = argmax(&logits)?;
+                }
+                let s = t.elapsed().as_secs_f64() / b.decode as f64;
+                println!("| {batch} | {:.2} | {:.1} | {:.1} |", s * 1e3, 1.0 / s, batch as f64 / s);
+                json_rows.push(serde_json::json!({"preset": name, "dtype": dt, "what": "decode", "batch": batch, "tok_s": batch as f64 / s, "ms_step": s * 1e3}));
+            }
+
+            if b.profile {
+                // A batch-1 decode step, taken apart: (a) the whole step with the
+                // device-side argmax read back; (b) the host's time to issue it (the step
+                // is asynchronous on a GPU: if issuing takes as long as the step, kernel
+                // launches, not the GPU, set the pace); (c) the matrices alone, one
+                // product each with a one-row input: the weight-read floor.
+                let mut cache = model.new_cache();
+                let mut next = argmax(&prefill(&mut cache, &prompt(base))?)?;
+                let steps = b.decode.max(8);
+                let (mut whole, mut issue) = (0.0, 0.0);
+                for _ in 0..steps {
+                    sync(&dev)?;
+                    let t = Instant::now();
+                    let logits = model.forward(&ForwardInput { tokens: &next, ..Default::default() }, &mut cache)?;
+                    issue += t.elapsed().as_secs_f64();
+                    next = argmax(&logits)?;
+                    whole += t.elapsed().as_secs_f64();
+                }
+                let x: Vec<Tensor> = model
+                    .weight_matrices()
+                    .iter()
+                    .map(|w| Tensor::ones((1, w.dim(1)?), dtype, &dev))
+                    .collect::<candle_core::Result<_>>()?;
+                let ws = model.weight_matrices();
+                let mut weights = 0.0;
+                for _ in 0..steps {
+                    sync(&dev)?;
+                    let t = Instant::now();
+                    for (w, x) in ws.iter().zip(&x) {
+                        let _ = x.matmul(&w.t()?)?;
+                    }
+                    sync(&dev)?;
+                    weights += t.elapsed().as_secs_f64();
+                }
+                let (whole, issue, weights) = (whole / steps as f64, issue / steps as f64, weights / steps as f64);
+                println!("\n| batch-1 decode step | ms | share |");
+                println!("|--|--:|--:|");
+                println!("| whole step (forward + argmax read back) | {:.2} | 100% |", whole * 1e3);
+                println!("| host time issuing the forward | {:.2} | {:.0}% |", issue * 1e3, issue / whole * 100.0);
+                println!(
+                    "| matrices alone ({} products, {:.0} GB/s) | {:.2} | {:.0}% |",
+                    ws.len(),
+                    bytes as f64 / weights / 1e9,
+                    weights * 1e3,
+                    weights / whole * 100.0
+                );
+                println!("| everything else (attention, norms, launches, copies) | {:.2} | {:.0}% |", (whole - weights) * 1e3, (whole - weights) / whole * 100.0);
+                json_rows.push(serde_json::json!({"preset": name, "dtype": dt, "what": "profile", "step_ms": whole * 1e3, "issue_ms": issue * 1e3, "weights_ms": weights * 1e3, "weights_gb_s": bytes as f64 / weights / 1e9}));
+            }
+
+            if !b.contexts.is_empty() {
+                // Streaming prefill at several context sizes: each 40 ms of speech enters
+                // the cache as it arrives (one audio token); at end of speech only the
+                // turn's closing tokens remain before the first answer token.
+                let frame = audio_frames(&test_signal(16_000, 1)[..640], &dev)?.to_dtype(dtype)?;
+                let audio_id = model.config.audio_token_id;
+                // The turn's closing (`<end_of_turn>`, a newline, `<start_of_turn>model`, a
+                // newline): five tokens; which ids they are does not change the cost.
+                let closing: Vec<u32> = prompt(5);
+                println!("\n| context | build tok/s | streamed 40 ms frame p50 / max | end of speech → first token |");
+                println!("|--:|--:|--:|--:|");
+                for &ctx in &b.contexts {
+                    let mut cache = model.new_cache();
+                    sync(&dev)?;
+                    let t = Instant::now();
+                    argmax(&prefill(&mut cache, &prompt(ctx))?)?;
+                    let build = t.elapsed().as_secs_f64();
+                    let mut frames = Vec::new();
+                    for _ in 0..25 {
+                        let t = Instant::now();
+                        let out = model.forward(&ForwardInput { tokens: &[audio_id], audio_frames: Some(&frame), ..Default::default() }, &mut cache)?;
+                        // The streamed frame's logits are wanted only for the end-of-turn
+                        // probability; reading one number back is what makes it finished.
+                        out.narrow(1, 0, 1)?.flatten_all()?.to_vec1::<f32>()?;
+                        frames.push(t.elapsed());
+                    }
+                    frames.sort();
+                    let t = Instant::now();
+                    argmax(&model.forward(&ForwardInput { tokens: &closing, ..Default::default() }, &mut cache)?)?;
+                    let first = t.elapsed().as_secs_f64();
+                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                    println!(
+                        "| {ctx} | {:.0} | {:.2} / {:.2} ms | {:.2} ms |",
+                        ctx as f64 / build,
+                        ms(percentile(&frames, 0.5)),
+                        ms(*frames.last().unwrap_or(&Duration::ZERO)),
+                        first * 1e3
+                    );
+                    json_rows.push(serde_json::json!({"preset": name, "dtype": dt, "what": "streaming", "context": ctx,
+                        "frame_ms_p50": ms(percentile(&frames, 0.5)), "first_token_ms": first * 1e3, "build_tok_s": ctx as f64 / build}));
+                }
+            }
+            println!();
         }
-        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if let Some(path) = &b.json {
+        std::fs::write(path, serde_json::to_string_pretty(&json_rows)?)?;
     }
     Ok(())
 }

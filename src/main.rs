@@ -70,7 +70,30 @@ enum ModelCommand {
         dtype: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Write only config.json and tokenizer.json (for a reference built elsewhere,
+        /// e.g. scripts/bench-transformers.py).
+        #[arg(long)]
+        config_only: bool,
         dir: PathBuf,
+    },
+    /// Check the embedded model on a device against the committed transformers
+    /// fixtures: text, incremental decode, audio and image logits, greedy tokens.
+    Parity {
+        /// Folder holding tiny_mm/ and tiny_text/.
+        #[arg(long, default_value = "tests/fixtures/gemma4")]
+        fixtures: PathBuf,
+        /// cpu, cuda or cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Largest relative logit error accepted (default: 1e-4 for f32, 1e-2 for bf16).
+        #[arg(long)]
+        tolerance: Option<f32>,
+        /// Greedy steps that must match an f32 CPU run.
+        #[arg(long, default_value_t = 64)]
+        steps: usize,
     },
     /// Download a checkpoint from the Hugging Face hub (HF_TOKEN for gated models,
     /// HF_ENDPOINT for a mirror), with progress.
@@ -141,23 +164,41 @@ enum BenchCommand {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
-    /// Prefill and decode tokens/s of the embedded model on random-weight presets.
+    /// Prefill, decode (batched too) and streaming-turn costs of the embedded model on
+    /// random-weight presets built on the device (`--device cuda --presets 12b` on a GPU).
     Model {
-        /// Presets to measure, comma-separated (tiny, small).
+        /// Presets to measure, comma-separated (tiny, small, 12b).
         #[arg(long, default_value = "tiny,small", value_delimiter = ',')]
         presets: Vec<String>,
-        /// Prompt length for the prefill measurement.
+        /// Prompt lengths for the prefill rows, comma-separated; the first is also the
+        /// context the decode rows start from.
+        #[arg(long, default_value = "512", value_delimiter = ',')]
+        prompts: Vec<usize>,
+        /// Tokens per prefill call (the engine prefills in chunks); 0 = whole prompt.
         #[arg(long, default_value_t = 512)]
-        prompt: usize,
-        /// Tokens to decode.
+        chunk: usize,
+        /// Tokens to decode per measurement.
         #[arg(long, default_value_t = 32)]
         decode: usize,
+        /// Decode batch sizes, comma-separated.
+        #[arg(long, default_value = "1", value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Context sizes for the streaming rows (streamed audio frame, end of speech →
+        /// first token), comma-separated; empty for none.
+        #[arg(long, value_delimiter = ',')]
+        contexts: Vec<usize>,
+        /// Split a batch-1 decode step into weight reads, host time and the rest.
+        #[arg(long)]
+        profile: bool,
         /// cpu or cuda
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Comma-separated dtypes to measure.
         #[arg(long, default_value = "f32,bf16", value_delimiter = ',')]
         dtypes: Vec<String>,
+        /// Also write the numbers as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
     },
 }
 
@@ -248,14 +289,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             hark::bench::engine(&preset, &sessions, tokens, &device, &dtype)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { what: BenchCommand::Model { presets, prompt, decode, device, dtypes } } => {
+        Command::Bench { what: BenchCommand::Model { presets, prompts, chunk, decode, batches, contexts, profile, device, dtypes, json } } => {
             init_logging("warn");
-            hark::bench::model(&presets, prompt, decode, &device, &dtypes)?;
+            hark::bench::model(&hark::bench::ModelBench { presets, dtypes, device, prompts, chunk, decode, batches, contexts, profile, json })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model { what: ModelCommand::Init { preset, random, dtype, seed, dir } } => {
-            use hark::model::gemma4::init::{write_random_checkpoint, Preset};
+        Command::Model { what: ModelCommand::Init { preset, random, dtype, seed, config_only, dir } } => {
+            use hark::model::gemma4::init::{write_random_checkpoint, write_config, Preset};
             let p = Preset::parse(&preset).ok_or_else(|| anyhow::anyhow!("unknown preset '{preset}'; use tiny, small or 12b"))?;
+            if config_only {
+                write_config(p, &dir).with_context(|| format!("writing {}", dir.display()))?;
+                println!("{}: config.json and tokenizer.json of the {preset} preset written", dir.display());
+                return Ok(ExitCode::SUCCESS);
+            }
             anyhow::ensure!(random, "hark can only make random-weight checkpoints; pass --random to say that is what you want");
             let bf16 = match dtype.as_str() {
                 "bf16" => true,
@@ -274,6 +320,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!();
             println!("{}: random {preset} checkpoint written", dir.display());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Model { what: ModelCommand::Parity { fixtures, device, dtype, tolerance, steps } } => {
+            use hark::model::embedded::{select_device, select_dtype};
+            let dt = select_dtype(&dtype)?;
+            let tolerance = tolerance.unwrap_or(if dt == candle_core::DType::F32 { 1e-4 } else { 1e-2 });
+            let rows = hark::model::gemma4::parity::check(&fixtures, &select_device(&device)?, dt, tolerance, steps)?;
+            println!("hark model parity: {device} {dtype} against transformers' f32 logits (tolerance {tolerance:e}) and {steps} greedy steps of an f32 CPU run\n");
+            println!("| case | relative error / matching steps | ok |");
+            println!("|--|--:|--|");
+            for r in &rows {
+                let v = if r.case.contains("greedy") { format!("{}", r.value as usize) } else { format!("{:.2e}", r.value) };
+                println!("| {} | {v} | {}{} |", r.case, if r.pass { "yes" } else { "NO" }, if r.detail.is_empty() { String::new() } else { format!(" ({})", r.detail) });
+            }
+            Ok(if rows.iter().all(|r| r.pass) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Model { what: ModelCommand::Pull { repo, dir } } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from("models").join(repo.rsplit('/').next().unwrap_or(&repo)));

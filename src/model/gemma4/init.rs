@@ -162,9 +162,7 @@ fn tensors(p: Preset) -> Vec<(String, Vec<usize>, Init)> {
 /// Writes the checkpoint into `dir` (created if needed). `bf16` halves the size.
 /// `progress` is called with (bytes written, total bytes).
 pub fn write_random_checkpoint(p: Preset, dir: &Path, bf16: bool, seed: u64, mut progress: impl FnMut(u64, u64)) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config_json(p))?)?;
-    std::fs::write(dir.join("tokenizer.json"), synthetic_tokenizer_json(dims(p).vocab).to_string())?;
+    write_config(p, dir)?;
 
     let list = tensors(p);
     let elem = if bf16 { 2 } else { 4 };
@@ -218,6 +216,32 @@ pub fn write_random_checkpoint(p: Preset, dir: &Path, bf16: bool, seed: u64, mut
     w.flush()?;
     drop(w);
     std::fs::rename(tmp, dir.join("model.safetensors"))
+}
+
+/// A preset's `config.json` and synthetic `tokenizer.json`, without weights.
+pub fn write_config(p: Preset, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config_json(p))?)?;
+    std::fs::write(dir.join("tokenizer.json"), synthetic_tokenizer_json(dims(p).vocab).to_string())
+}
+
+/// A random-weight model of `preset` built directly on `device`, with the same tensors
+/// and scales as [`write_random_checkpoint`] but no file: the GPU benches use it, since
+/// writing and reading back the 12B preset's 24 GB would cost minutes of device time.
+pub fn random_model(p: Preset, dtype: candle_core::DType, device: &candle_core::Device) -> anyhow::Result<super::Gemma4Model> {
+    use candle_core::{DType, Tensor};
+    let config = super::config::Gemma4Config::from_json(&config_json(p))?;
+    let mut map = std::collections::HashMap::new();
+    for (name, shape, init) in tensors(p) {
+        let t = match init {
+            Init::Normal(s) => Tensor::randn(0f32, s, shape.as_slice(), device)?,
+            Init::NearOne(s) => (Tensor::randn(0f32, s, shape.as_slice(), device)? + 1.0)?,
+            Init::Zero => Tensor::zeros(shape.as_slice(), DType::F32, device)?,
+        };
+        map.insert(name, t.to_dtype(dtype)?);
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(map, dtype, device);
+    Ok(super::Gemma4Model::load(config, vb)?)
 }
 
 /// A standard normal draw (Box–Muller).

@@ -7,6 +7,7 @@ pub mod config;
 pub mod init;
 pub mod loader;
 pub mod model;
+pub mod parity;
 pub mod sampling;
 pub mod template;
 pub mod tokenizer;

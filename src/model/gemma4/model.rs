@@ -427,7 +427,7 @@ impl Gemma4Model {
             candle_core::bail!("context of {} tokens exceeds the model's {} positions", start + n, self.config.text.max_position_embeddings);
         }
         let mut x = self.embed(input)?;
-        let blocks = self.blocks(input.tokens);
+        let mut masks = MaskMemo::new(self.blocks(input.tokens));
         let rope_s = self.rope_tables(&self.inv_freq_sliding, start, n)?;
         let rope_f = self.rope_tables(&self.inv_freq_full, start, n)?;
         let t = &self.config.text;
@@ -436,7 +436,7 @@ impl Gemma4Model {
             let (cos, sin) = if layer.attn.spec.kind == LayerKind::Sliding { &rope_s } else { &rope_f };
             let residual = x.clone();
             let h = rms(&x, &layer.input_norm, eps)?;
-            let h = self.attention(&layer.attn, li, &h, cos, sin, start, &blocks, cache)?;
+            let h = self.attention(&layer.attn, li, &h, cos, sin, start, &mut masks, cache)?;
             let h = rms(&h, &layer.post_attn_norm, eps)?;
             x = (residual + h)?;
             let residual = x.clone();
@@ -492,7 +492,8 @@ impl Gemma4Model {
                 let (rope_s, rope_f) = &ropes[i];
                 let (cos, sin) = if a.spec.kind == LayerKind::Sliding { rope_s } else { rope_f };
                 let row = |t: &Tensor| t.narrow(0, i, 1);
-                outs.push(self.attend(a, li, &row(&q)?, &row(&k)?, &row(&v)?, cos, sin, starts[i], &[-1], cache)?);
+                let mut masks = MaskMemo::new(vec![-1]);
+                outs.push(self.attend(a, li, &row(&q)?, &row(&k)?, &row(&v)?, cos, sin, starts[i], &mut masks, cache)?);
             }
             let h = apply(&a.o_proj, &Tensor::cat(&outs, 0)?)?;
             let h = rms(&h, &layer.post_attn_norm, eps)?;
@@ -524,11 +525,11 @@ impl Gemma4Model {
         cos: &Tensor,
         sin: &Tensor,
         start: usize,
-        blocks: &[i32],
+        masks: &mut MaskMemo,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let (q, k, v) = Self::project(a, x)?;
-        let out = self.attend(a, layer, &q, &k, &v, cos, sin, start, blocks, cache)?;
+        let out = self.attend(a, layer, &q, &k, &v, cos, sin, start, masks, cache)?;
         a.o_proj.forward(&out)
     }
 
@@ -558,7 +559,7 @@ impl Gemma4Model {
         cos: &Tensor,
         sin: &Tensor,
         start: usize,
-        blocks: &[i32],
+        masks: &mut MaskMemo,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let t = &self.config.text;
@@ -576,37 +577,92 @@ impl Gemma4Model {
 
         let (k_all, v_all, key_start) = cache.append(layer, &k, &v)?;
         let m = k_all.dim(1)?;
-        let mask = self.mask(a.spec.kind, start, n, key_start, m, blocks)?;
+        let mask = masks.get(a.spec.kind, start, key_start, m, |blocks| self.mask(a.spec.kind, start, n, key_start, m, blocks))?;
 
         let groups = heads / kv;
         let q = q.squeeze(0)?.reshape((kv, groups * n, hd))?;
-        let scores = q.matmul(&k_all.transpose(1, 2)?.contiguous()?)?; // [kv, groups·n, m]
-        let scores = scores.to_dtype(DType::F32)?.reshape((kv, groups, n, m))?.broadcast_add(&mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?.reshape((kv, groups * n, m))?;
+        let probs = if self.device.is_cuda() {
+            // On the GPU every kernel launch counts (a decode step is thousands of
+            // them): cuBLAS reads the keys transposed in place rather than after a copy
+            // of the whole cache, and candle's softmax computes in f32 from bf16 inputs
+            // itself, so the scores stay in the model's dtype (adding 0 or -inf is exact).
+            let scores = q.matmul(&k_all.transpose(1, 2)?)?.reshape((kv, groups, n, m))?;
+            let scores = match &mask {
+                Some(mask) => scores.broadcast_add(&mask.to_dtype(self.dtype)?)?,
+                None => scores,
+            };
+            candle_nn::ops::softmax_last_dim(&scores)?.reshape((kv, groups * n, m))?
+        } else {
+            let scores = q.matmul(&k_all.transpose(1, 2)?.contiguous()?)?; // [kv, groups·n, m]
+            let scores = scores.to_dtype(DType::F32)?.reshape((kv, groups, n, m))?;
+            let scores = match &mask {
+                Some(mask) => scores.broadcast_add(mask)?,
+                None => scores,
+            };
+            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?.reshape((kv, groups * n, m))?
+        };
         let out = probs.matmul(&v_all)?; // [kv, groups·n, hd]
         out.reshape((heads, n, hd))?.transpose(0, 1)?.contiguous()?.reshape((n, heads * hd))
     }
 
-    /// Additive mask `[n, m]`: 0 where query `start+i` may see key `key_start+j`.
-    fn mask(&self, kind: LayerKind, start: usize, n: usize, key_start: usize, m: usize, blocks: &[i32]) -> Result<Tensor> {
+    /// Additive mask `[n, m]`: 0 where query `start+i` may see key `key_start+j`;
+    /// `None` when every query sees every key (a decode step: the cache already holds
+    /// only the window), which spares an upload and an add per layer.
+    ///
+    /// Keys every query sees (the cached past of a global layer) are the mask's leading
+    /// columns of zeros: they are made on the device, and only the rest is built here
+    /// and uploaded — a prefill chunk at a 128K context would otherwise upload 256 MB.
+    fn mask(&self, kind: LayerKind, start: usize, n: usize, key_start: usize, m: usize, blocks: &[i32]) -> Result<Option<Tensor>> {
         let window = self.config.text.sliding_window;
-        let mut data = vec![f32::NEG_INFINITY; n * m];
-        for i in 0..n {
+        let visible = |i: usize, j: usize| {
             let q = start + i;
-            for j in 0..m {
-                let k = key_start + j;
-                let causal = k <= q && (kind == LayerKind::Full || q - k < window);
-                // Same image block: both ways (keys of this call only; blocks never span calls).
-                let same_block = k >= start && {
-                    let b = blocks[k - start];
-                    b >= 0 && b == blocks[i]
-                };
-                if causal || same_block {
-                    data[i * m + j] = 0.0;
+            let k = key_start + j;
+            let causal = k <= q && (kind == LayerKind::Full || q - k < window);
+            // Same image block: both ways (keys of this call only; blocks never span calls).
+            let same_block = k >= start && {
+                let b = blocks[k - start];
+                b >= 0 && b == blocks[i]
+            };
+            causal || same_block
+        };
+        // Leading columns that every query sees. The queries that see a key form one
+        // run (causality and the window bound it from both sides; an image block is a
+        // run of positions too), so checking the first and last query is enough.
+        let lead = (0..m).take_while(|&j| visible(0, j) && visible(n - 1, j)).count();
+        if lead == m {
+            return Ok(None);
+        }
+        let rest = m - lead;
+        let mut data = vec![f32::NEG_INFINITY; n * rest];
+        for i in 0..n {
+            for j in lead..m {
+                if visible(i, j) {
+                    data[i * rest + (j - lead)] = 0.0;
                 }
             }
         }
-        Tensor::from_vec(data, (n, m), &self.device)
+        let tail = Tensor::from_vec(data, (n, rest), &self.device)?;
+        if lead == 0 {
+            return Ok(Some(tail));
+        }
+        let zeros = Tensor::zeros((n, lead), DType::F32, &self.device)?;
+        Ok(Some(Tensor::cat(&[&zeros, &tail], 1)?))
+    }
+
+    /// Every matrix a decode step reads (projections, MLPs, the LM head): what the
+    /// GPU bench times alone to find the weight-read share of a step.
+    pub fn weight_matrices(&self) -> Vec<&Tensor> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for l in &self.layers {
+            let a = &l.attn;
+            out.extend([a.q_proj.weight(), a.k_proj.weight(), a.o_proj.weight()]);
+            if let Some(v) = &a.v_proj {
+                out.push(v.weight());
+            }
+            out.extend([l.mlp.gate.weight(), l.mlp.up.weight(), l.mlp.down.weight()]);
+        }
+        out.push(self.lm_head.weight());
+        out
     }
 
     pub fn has_vision(&self) -> bool {
@@ -626,8 +682,44 @@ fn apply(l: &Linear, x: &Tensor) -> Result<Tensor> {
 
 /// RMSNorm over the last dimension, computed in f32 as transformers does.
 fn rms(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    if x.device().is_cuda() {
+        // candle's CUDA kernel reads bf16, computes `x · rsqrt(mean(x²) + eps) · w` in
+        // f32 and rounds once: the same arithmetic in one launch instead of four.
+        return candle_nn::ops::rms_norm(&x.contiguous()?, w, eps);
+    }
     let dtype = x.dtype();
     let y = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, eps)?;
     y.to_dtype(dtype)
 }
 
+
+/// One forward call's attention masks: every layer of a kind sees the same keys, so
+/// its mask is built once per call, not once per layer.
+struct MaskMemo {
+    /// Image block of each new token (see `Gemma4Model::blocks`).
+    blocks: Vec<i32>,
+    built: Vec<((LayerKind, usize, usize, usize), Option<Tensor>)>,
+}
+
+impl MaskMemo {
+    fn new(blocks: Vec<i32>) -> Self {
+        Self { blocks, built: Vec::with_capacity(2) }
+    }
+
+    fn get(
+        &mut self,
+        kind: LayerKind,
+        start: usize,
+        key_start: usize,
+        m: usize,
+        build: impl FnOnce(&[i32]) -> Result<Option<Tensor>>,
+    ) -> Result<Option<Tensor>> {
+        let key = (kind, start, key_start, m);
+        if let Some((_, mask)) = self.built.iter().find(|(k, _)| *k == key) {
+            return Ok(mask.clone());
+        }
+        let mask = build(&self.blocks)?;
+        self.built.push((key, mask.clone()));
+        Ok(mask)
+    }
+}
