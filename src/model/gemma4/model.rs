@@ -581,7 +581,7 @@ impl Gemma4Model {
 
         let groups = heads / kv;
         let q = q.squeeze(0)?.reshape((kv, groups * n, hd))?;
-        let probs = if self.device.is_cuda() {
+        let probs = if gpu_path(&self.device) {
             // On the GPU every kernel launch counts (a decode step is thousands of
             // them): cuBLAS reads the keys transposed in place rather than after a copy
             // of the whole cache, and candle's softmax computes in f32 from bf16 inputs
@@ -680,9 +680,16 @@ fn apply(l: &Linear, x: &Tensor) -> Result<Tensor> {
     l.weight().matmul(&x.t()?)?.t()?.contiguous()
 }
 
+/// Whether the GPU's fewer-launch variants are used: on a CUDA device, unless
+/// `HARK_GPU_BASELINE=1` asks for the CPU formulation (for the bench's same-run baseline).
+fn gpu_path(device: &Device) -> bool {
+    static BASELINE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    device.is_cuda() && !*BASELINE.get_or_init(|| std::env::var("HARK_GPU_BASELINE").is_ok_and(|v| v == "1"))
+}
+
 /// RMSNorm over the last dimension, computed in f32 as transformers does.
 fn rms(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-    if x.device().is_cuda() {
+    if gpu_path(x.device()) {
         // candle's CUDA kernel reads bf16, computes `x · rsqrt(mean(x²) + eps) · w` in
         // f32 and rounds once: the same arithmetic in one launch instead of four.
         return candle_nn::ops::rms_norm(&x.contiguous()?, w, eps);
