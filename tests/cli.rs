@@ -115,3 +115,42 @@ fn bad_tool_and_agent_yaml_is_reported_by_check_and_refused_by_serve() {
     assert!(ok, "{out}");
     assert!(out.contains("echo") && out.contains("command") && out.contains("agent helper"), "{out}");
 }
+
+/// `hark bench model` (what the GPU runs use, here on the CPU with the tiny preset):
+/// every section prints, and the JSON carries positive rates for each row asked for.
+#[test]
+fn bench_model_reports_prefill_decode_streaming_and_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let (ok, out) = hark(
+        &[
+            "bench", "model", "--presets", "tiny", "--dtypes", "f32", "--prompts", "64,96", "--chunk", "32", "--batches", "1,2",
+            "--decode", "2", "--contexts", "80", "--profile", "--json", json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "{out}");
+    for section in ["| prefill tokens |", "| decode batch |", "| batch-1 decode step |", "| context |"] {
+        assert!(out.contains(section), "missing {section}: {out}");
+    }
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let count = |what: &str| rows.iter().filter(|r| r["what"] == what).count();
+    assert_eq!((count("prefill"), count("decode"), count("profile"), count("streaming")), (2, 2, 1, 1), "{rows:?}");
+    for r in rows.iter().filter(|r| r["what"] == "prefill" || r["what"] == "decode") {
+        assert!(r["tok_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}
+
+/// `hark model parity` on the CPU in f32 passes against the committed fixtures, and a
+/// tolerance no model can meet makes it fail with the offending rows marked.
+#[test]
+fn model_parity_passes_in_f32_and_fails_loudly_below_rounding() {
+    let fixtures = repo_root().join("tests/fixtures/gemma4");
+    let f = fixtures.to_str().unwrap();
+    let (ok, out) = hark(&["model", "parity", "--fixtures", f, "--steps", "8"], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("tiny_mm: image") && out.contains("tiny_text: greedy tokens vs f32 CPU | 8 | yes"), "{out}");
+    let (ok, out) = hark(&["model", "parity", "--fixtures", f, "--steps", "0", "--tolerance", "1e-12"], &[]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("| NO"), "{out}");
+}
