@@ -59,6 +59,14 @@ pub struct Metrics {
     /// `response` (`response.created` → `response.done`).
     pub latency_seconds: Family<StageLabel, Histogram>,
     pub tool_call_seconds: Family<ToolLabel, Histogram>,
+    /// The embedded model's KV caches: bytes held now (running answers, streaming
+    /// turns and kept sessions) and the configured budget; set at each scrape.
+    pub kv_cache_bytes: Gauge,
+    pub kv_budget_bytes: Gauge,
+    /// Prompt tokens of each finished response over the context window's limit.
+    pub context_fill_ratio: Histogram,
+    /// The context window's limit in tokens (`session.context.max_tokens`).
+    context_max_tokens: std::sync::atomic::AtomicU64,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -80,6 +88,10 @@ impl Default for Metrics {
             cached_tokens_total: Counter::default(),
             latency_seconds: Family::new_with_constructor(seconds_histogram),
             tool_call_seconds: Family::new_with_constructor(seconds_histogram),
+            kv_cache_bytes: Gauge::default(),
+            kv_budget_bytes: Gauge::default(),
+            context_fill_ratio: Histogram::new([0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0].into_iter()),
+            context_max_tokens: std::sync::atomic::AtomicU64::new(0),
             registry: Registry::default(),
         };
         registry.register("sessions_active", "Realtime sessions open now", m.sessions_active.clone());
@@ -92,6 +104,13 @@ impl Default for Metrics {
         registry.register("cached_tokens", "prompt tokens served from the model's cache", m.cached_tokens_total.clone());
         registry.register("latency_seconds", "time from a stage's start, by stage", m.latency_seconds.clone());
         registry.register("tool_call_seconds", "duration of tool calls hark runs, by tool", m.tool_call_seconds.clone());
+        registry.register("kv_cache_bytes", "bytes of the embedded model's KV caches held now", m.kv_cache_bytes.clone());
+        registry.register("kv_budget_bytes", "the embedded model's KV cache budget in bytes", m.kv_budget_bytes.clone());
+        registry.register(
+            "context_fill_ratio",
+            "prompt tokens of each finished response over the context window's limit",
+            m.context_fill_ratio.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -103,6 +122,19 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The context window's limit, for `context_fill_ratio`.
+    pub fn set_context_limit(&self, tokens: usize) {
+        self.context_max_tokens.store(tokens as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Takes the backend's memory figures (called before each render).
+    pub fn set_backend_memory(&self, memory: Option<crate::model::BackendMemory>) {
+        if let Some(m) = memory {
+            self.kv_cache_bytes.set(m.kv_bytes as i64);
+            self.kv_budget_bytes.set(m.kv_budget_bytes as i64);
+        }
     }
 
     pub fn count_usage(&self, input: u64, output: u64, cached: u64) {
@@ -170,6 +202,10 @@ impl<'m> EventObserver<'m> {
                 m.responses_total.get_or_create(&StatusLabel { status }).inc();
                 if let Some(u) = &response.usage {
                     m.count_usage(u.input_tokens as u64, u.output_tokens as u64, u.input_token_details.cached_tokens as u64);
+                    let limit = m.context_max_tokens.load(std::sync::atomic::Ordering::Relaxed);
+                    if limit > 0 {
+                        m.context_fill_ratio.observe(u.input_tokens as f64 / limit as f64);
+                    }
                 }
                 if let Some(t) = self.response_start.take() {
                     m.observe_stage("response", (now - t).as_secs_f64());

@@ -60,9 +60,38 @@ async fn metrics_parse_and_move() {
     assert_eq!(after["hark_output_tokens_total{}"], 14.0, "{after}");
     assert_eq!(after[r#"hark_latency_seconds_count{stage="first_token"}"#], 1.0, "{after}");
     assert_eq!(after[r#"hark_latency_seconds_count{stage="response"}"#], 1.0, "{after}");
+    // Context fill: the realtime response's 42 prompt tokens over the window's limit
+    // (chat completions have no rolling window). A remote backend holds no KV cache.
+    let limit = test_config(&model.base_url()).session.context.max_tokens as f64;
+    assert_eq!(after["hark_context_fill_ratio_count{}"], 1.0, "{after}");
+    assert!((after["hark_context_fill_ratio_sum{}"].as_f64().unwrap() - 42.0 / limit).abs() < 1e-9, "{after}");
+    assert_eq!(after["hark_kv_cache_bytes{}"], 0.0, "{after}");
 
     drop(c);
     let ready = http.get(format!("http://{}/readyz", hark.addr)).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     assert_eq!(ready.json::<Value>().await.unwrap()["status"], "ready");
+}
+
+/// The embedded model's KV memory shows on /metrics: after a response the kept
+/// session's cache is counted, within the configured budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_cache_bytes_follow_the_embedded_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let hark = Hark::start(embedded_test_config(dir.path())).await;
+    let http = reqwest::Client::new();
+    let scrape = || async { parse(&http.get(format!("http://{}/metrics", hark.addr)).send().await.unwrap().text().await.unwrap()) };
+    let before = scrape().await;
+    assert_eq!(before["hark_kv_cache_bytes{}"], 0.0, "{before}");
+    let budget = before["hark_kv_budget_bytes{}"].as_f64().unwrap();
+    assert!(budget > 0.0, "{before}");
+
+    let mut c = Client::connect(&hark.ws_url()).await;
+    c.send(json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello there"}]}})).await;
+    c.send(json!({"type": "response.create", "response": {"max_output_tokens": 4}})).await;
+    c.until("response.done").await;
+    // The model thread records its figure when it keeps the finished response's
+    // cache, before it sends the end of the response.
+    let held = scrape().await["hark_kv_cache_bytes{}"].as_f64().unwrap();
+    assert!(held > 0.0 && held <= budget, "kv bytes {held}, budget {budget}");
 }

@@ -81,6 +81,8 @@ pub struct EmbeddedBackend {
     counter: Arc<EmbeddedTokenCounter>,
     next_stream: AtomicU64,
     max_tokens: u32,
+    kv_bytes: Arc<AtomicU64>,
+    kv_budget_bytes: u64,
 }
 
 impl EmbeddedBackend {
@@ -92,17 +94,26 @@ impl EmbeddedBackend {
         let counter = Arc::new(EmbeddedTokenCounter { tokenizer: engine.tokenizer().clone(), image_tokens: settings.image_tokens });
         let name = settings.checkpoint.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "gemma4".into());
         let (tx, rx) = std_mpsc::channel::<Job>();
+        let kv_bytes = engine.kv_bytes.clone();
+        let kv_budget_bytes = engine.kv_budget() as u64;
         std::thread::Builder::new()
             .name("hark-model".into())
             .spawn(move || engine.serve(rx))
             .map_err(|e| EmbeddedError::Load(format!("cannot start the model thread: {e}")))?;
-        Ok(Self { jobs: tx, name, counter, next_stream: AtomicU64::new(1), max_tokens: settings.max_tokens })
+        Ok(Self { jobs: tx, name, counter, next_stream: AtomicU64::new(1), max_tokens: settings.max_tokens, kv_bytes, kv_budget_bytes })
     }
 }
 
 impl Backend for EmbeddedBackend {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn memory(&self) -> Option<crate::model::BackendMemory> {
+        Some(crate::model::BackendMemory {
+            kv_bytes: self.kv_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            kv_budget_bytes: self.kv_budget_bytes,
+        })
     }
 
     fn generate(&self, request: GenerateRequest, cancel: CancellationToken) -> mpsc::Receiver<BackendEvent> {

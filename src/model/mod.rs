@@ -180,6 +180,18 @@ pub trait Backend: Send + Sync + 'static {
     fn token_counter(&self) -> Arc<dyn TokenCounter> {
         Arc::new(EstimatedTokens::default())
     }
+
+    /// What the backend's caches hold now (`/metrics`); `None` for remote servers.
+    fn memory(&self) -> Option<BackendMemory> {
+        None
+    }
+}
+
+/// The embedded model's KV memory, as the model thread last recorded it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendMemory {
+    pub kv_bytes: u64,
+    pub kv_budget_bytes: u64,
 }
 
 /// Counts prompt tokens as a backend's model would see them.

@@ -89,10 +89,12 @@ impl AppState {
             agents: Arc::new(agents),
             client_tool_timeout: Duration::from_millis(config.session.client_tool_timeout_ms),
         };
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        metrics.set_context_limit(config.session.context.max_tokens);
         Ok(Self {
             session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),
             origins: Arc::new(access::OriginPolicy::new(&config.server.allowed_origins)),
-            metrics: Arc::new(crate::metrics::Metrics::default()),
+            metrics,
             config: Arc::new(config),
             deps: Arc::new(deps),
             shutdown: CancellationToken::new(),
@@ -164,6 +166,7 @@ async fn index() -> &'static str {
 
 /// The Prometheus text exposition of [`crate::metrics::Metrics`].
 async fn metrics(axum::extract::State(st): axum::extract::State<AppState>) -> impl axum::response::IntoResponse {
+    st.metrics.set_backend_memory(st.deps.backend.memory());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render())
 }
 

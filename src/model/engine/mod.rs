@@ -116,6 +116,9 @@ pub struct Engine {
     /// which would break the cached prefix at every past reply; splicing the original
     /// ids back keeps the history token-identical to what the model saw.
     replies: Vec<(String, Vec<u32>)>,
+    /// KV bytes held, recorded after each unit of work for `/metrics` (read from
+    /// other threads).
+    pub kv_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Engine {
@@ -148,7 +151,13 @@ impl Engine {
             clip_keys: RefCell::new(HashMap::new()),
             image_cache: RefCell::new(HashMap::new()),
             replies: Vec::new(),
+            kv_bytes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
+    }
+
+    /// Bytes of every KV cache held: kept sessions, running answers, the background.
+    pub fn kv_bytes_held(&self) -> usize {
+        self.pool.bytes() + self.reserved_bytes()
     }
 
     pub fn tokenizer(&self) -> &Arc<Gemma4Tokenizer> {
@@ -194,6 +203,9 @@ impl Engine {
     fn keep_context(&mut self, ctx: CachedContext) {
         let reserved = self.reserved_bytes();
         self.pool.keep(ctx, reserved);
+        // Recorded here too (not only after each unit) so that a response's `Done`,
+        // which follows, never overtakes the figure that includes its cache.
+        self.kv_bytes.store(self.kv_bytes_held() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Renders, prefills what is new, and generates, alone (the scheduler interleaves

@@ -218,6 +218,7 @@ impl Engine {
                 }
             }
             self.step();
+            self.kv_bytes.store(self.kv_bytes_held() as u64, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
