@@ -58,11 +58,18 @@ fn sliding_layers_keep_a_bounded_window_and_global_layers_grow() {
         model.forward(&ForwardInput { tokens: chunk, ..Default::default() }, &mut cache).unwrap();
     }
     // tiny: layers S,F,S,F; sliding 2 KV heads × 16, global 1 KV head × 32; K and V; f32.
-    let sliding = 2 * 2 * (2 * 16) * 4 * (window + ROLLBACK_SLACK);
+    // Sliding layers keep at least the window plus the rollback slack and move it to the
+    // front of a fresh buffer when theirs fills, so they never hold more than that plus
+    // the buffer's spare quarter (at least 128) and one call's chunk.
+    let per_position = 2 * 2 * (2 * 16) * 4;
+    let keep = window + ROLLBACK_SLACK;
     let global = 2 * 2 * 32 * 4 * total;
-    assert_eq!(cache.bytes(), sliding + global);
-    // Rolling back within the slack works; past it, it is refused and nothing changes.
-    assert!(!cache.truncate(total - ROLLBACK_SLACK - 10).unwrap());
+    let sliding = cache.bytes() - global;
+    assert!(sliding >= per_position * keep, "{sliding}");
+    assert!(sliding <= per_position * (keep + (keep / 4).max(128) + 100), "{sliding}");
+    // Rolling back within the slack works; to a position whose window the sliding
+    // layers no longer hold, it is refused and nothing changes.
+    assert!(!cache.truncate(10).unwrap());
     assert_eq!(cache.seq_len(), total);
     assert!(cache.truncate(total - 100).unwrap());
     assert_eq!(cache.seq_len(), total - 100);
@@ -205,7 +212,7 @@ fn a_cancelled_request_stops_and_keeps_the_prefilled_context() {
 }
 
 #[test]
-fn global_layers_append_in_place_and_forks_copy_before_writing() {
+fn layers_append_in_place_and_forks_copy_before_writing() {
     let ckpt = tiny_checkpoint();
     let model = loader::load(ckpt.path(), DType::F32, &Device::Cpu).unwrap();
     let tokens: Vec<u32> = (0..40u32).map(|i| 300 + (i * 13) % 200).collect();
@@ -223,8 +230,8 @@ fn global_layers_append_in_place_and_forks_copy_before_writing() {
         model.forward(&ForwardInput { tokens: &tokens[i..i + 1], ..Default::default() }, &mut cache).unwrap();
     }
     assert_eq!(cache.capacity(), capacity);
-    // Only the sliding layers (tiny: 2 of them, K and V, 2 heads × 16, f32) grew.
-    assert_eq!(cache.allocated_bytes() - allocated, 4 * (2 * 2 * 2 * 16 * 4));
+    // Sliding layers write in place too: nothing was allocated for these tokens.
+    assert_eq!(cache.allocated_bytes(), allocated);
     let forked = model.forward(&ForwardInput { tokens: &[77], ..Default::default() }, &mut fork).unwrap();
     let next = model.forward(&ForwardInput { tokens: &tokens[35..36], ..Default::default() }, &mut cache).unwrap();
     // Against fresh caches prefilled with the same tokens.

@@ -6,10 +6,12 @@
 //! [`ROLLBACK_SLACK`] extra positions so the newest tokens can be taken back
 //! (a re-tokenised reply, a retracted turn) without re-prefilling everything.
 //!
-//! Global layers, which grow with the whole context, write each call's keys in place
-//! into preallocated buffers (grown by a quarter when full) instead of concatenating
-//! the whole cache per token. Clones share those buffers: a clone that writes while
-//! another holds them copies first (copy on write), so forks stay independent.
+//! Every layer writes each call's keys in place into preallocated buffers (grown by a
+//! quarter when full) instead of concatenating the whole cache per token: global
+//! layers grow with the context; sliding layers, once their buffer is full, move the
+//! newest window (plus slack) to the front of a fresh one, once every few hundred
+//! tokens rather than at every token. Clones share those buffers: a clone that writes
+//! while another holds them copies first (copy on write), so forks stay independent.
 
 use std::sync::Arc;
 
@@ -24,13 +26,13 @@ pub const ROLLBACK_SLACK: usize = 512;
 #[derive(Clone)]
 struct LayerCache {
     kind: LayerKind,
-    /// `[kv_heads, len, head_dim]`; global layers: `[kv_heads, capacity, head_dim]`
-    /// buffers of which the first `len` positions are filled.
+    /// `[kv_heads, capacity, head_dim]` buffers of which the first `len` positions are
+    /// filled.
     k: Option<Tensor>,
     v: Option<Tensor>,
     /// Absolute position of the first cached key.
     start: usize,
-    /// Global layers: positions filled in the buffers.
+    /// Positions filled in the buffers.
     len: usize,
     /// Counts the clones sharing the global buffers: written in place only when alone.
     holders: Arc<()>,
@@ -69,26 +71,20 @@ impl KvCache {
     /// queries may attend to and the absolute position of its first key.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, usize)> {
         let keep = self.window + ROLLBACK_SLACK;
+        let window = self.window;
         let c = &mut self.layers[layer];
         if c.kind == LayerKind::Full {
-            return c.append_in_place(k, v);
+            return c.append_in_place(k, v, 0);
         }
-        let (k_all, v_all) = match (&c.k, &c.v) {
-            (Some(pk), Some(pv)) => (Tensor::cat(&[pk, k], 1)?, Tensor::cat(&[pv, v], 1)?),
-            _ => (k.clone(), v.clone()),
-        };
-        let key_start = c.start;
-        let len = k_all.dim(1)?;
-        if c.kind == LayerKind::Sliding && len > keep {
-            let drop = len - keep;
-            c.k = Some(k_all.narrow(1, drop, keep)?.contiguous()?);
-            c.v = Some(v_all.narrow(1, drop, keep)?.contiguous()?);
-            c.start += drop;
-        } else {
-            c.k = Some(k_all.clone());
-            c.v = Some(v_all.clone());
+        let n = k.dim(1)?;
+        let capacity = c.k.as_ref().map_or(Ok(0), |b| b.dim(1))?;
+        if c.len + n > capacity && c.len > keep {
+            c.drop_front(c.len - keep)?;
         }
-        Ok((k_all, v_all, key_start))
+        // This call's first query (at start + len) sees back to `window - 1` keys before it.
+        let first_query = c.start + c.len;
+        let skip = (first_query + 1).saturating_sub(window).saturating_sub(c.start);
+        c.append_in_place(k, v, skip)
     }
 
     /// Called once per forward, after every layer appended.
@@ -108,22 +104,8 @@ impl KvCache {
             return Ok(false);
         }
         for l in self.layers.iter_mut() {
-            if l.kind == LayerKind::Full {
-                // The buffers stay; later appends overwrite (or copy, if shared).
-                l.len = l.len.min(len.saturating_sub(l.start));
-                continue;
-            }
-            if let (Some(k), Some(v)) = (&l.k, &l.v) {
-                let keep = len.saturating_sub(l.start);
-                if keep == 0 {
-                    l.k = None;
-                    l.v = None;
-                    l.start = len;
-                } else {
-                    l.k = Some(k.narrow(1, 0, keep)?);
-                    l.v = Some(v.narrow(1, 0, keep)?);
-                }
-            }
+            // The buffers stay; later appends overwrite (or copy, if shared).
+            l.len = l.len.min(len.saturating_sub(l.start));
         }
         self.seq_len = len;
         Ok(true)
@@ -151,8 +133,8 @@ impl LayerCache {
             .into_iter()
             .flatten()
             .map(|t| {
-                let elems = match (self.kind, allocated, t.dims()) {
-                    (LayerKind::Full, false, &[h, _, d]) => h * self.len * d,
+                let elems = match (allocated, t.dims()) {
+                    (false, &[h, _, d]) => h * self.len * d,
                     _ => t.elem_count(),
                 };
                 elems * t.dtype().size_in_bytes()
@@ -160,9 +142,33 @@ impl LayerCache {
             .sum()
     }
 
+    /// Forgets the oldest `drop` positions: the rest moves to the front of fresh
+    /// buffers (sized for growth), so clones holding the old ones are unaffected.
+    fn drop_front(&mut self, drop: usize) -> Result<()> {
+        let rest = self.len - drop;
+        let cap = grown(rest);
+        let moved = |old: &Option<Tensor>| -> Result<Option<Tensor>> {
+            let Some(old) = old else { return Ok(None) };
+            let (h, _, d) = old.dims3()?;
+            let buf = Tensor::zeros((h, cap, d), old.dtype(), old.device())?;
+            if rest > 0 {
+                buf.slice_set(&old.narrow(1, drop, rest)?.contiguous()?, 1, 0)?;
+            }
+            Ok(Some(buf))
+        };
+        self.k = moved(&self.k)?;
+        self.v = moved(&self.v)?;
+        self.holders = Arc::new(());
+        self.start += drop;
+        self.len = rest;
+        Ok(())
+    }
+
     /// Writes `k`, `v` `[kv_heads, n, head_dim]` after the filled positions, growing
     /// (or, when another clone holds the buffers, copying) them first where needed.
-    fn append_in_place(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, usize)> {
+    /// Returns the filled positions from `skip` on (a sliding layer's queries do not
+    /// see its oldest keys) and the absolute position of the first returned key.
+    fn append_in_place(&mut self, k: &Tensor, v: &Tensor, skip: usize) -> Result<(Tensor, Tensor, usize)> {
         let n = k.dim(1)?;
         let needed = self.len + n;
         let capacity = self.k.as_ref().map_or(Ok(0), |b| b.dim(1))?;
@@ -186,7 +192,12 @@ impl LayerCache {
         kb.slice_set(&k.contiguous()?, 1, self.len)?;
         vb.slice_set(&v.contiguous()?, 1, self.len)?;
         self.len = needed;
-        // With several KV heads the filled part is strided; attention multiplies by V as is.
-        Ok((kb.narrow(1, 0, needed)?, vb.narrow(1, 0, needed)?.contiguous()?, self.start))
+        let skip = skip.min(needed - 1);
+        let keys = kb.narrow(1, skip, needed - skip)?;
+        let values = vb.narrow(1, skip, needed - skip)?;
+        // With several KV heads the filled part is strided: cuBLAS multiplies by it as it
+        // is (a strided batch); the CPU's matrix kernel wants it contiguous.
+        let values = if values.device().is_cuda() { values } else { values.contiguous()? };
+        Ok((keys, values, self.start + skip))
     }
 }

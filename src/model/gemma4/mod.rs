@@ -4,6 +4,7 @@
 pub mod audio;
 pub mod cache;
 pub mod config;
+pub mod fused;
 pub mod init;
 pub mod loader;
 pub mod model;

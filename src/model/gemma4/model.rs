@@ -64,6 +64,8 @@ struct DecoderLayer {
     pre_ff_norm: Tensor,
     post_ff_norm: Tensor,
     layer_scalar: Tensor,
+    /// `layer_scalar` read once, for the fused GPU kernel (a constant of the checkpoint).
+    layer_scalar_value: f32,
 }
 
 /// Raw features (audio frames or vision states) → the text model's space:
@@ -151,6 +153,32 @@ impl VisionEmbedder {
     }
 }
 
+impl DecoderLayer {
+    /// `residual + norm(attention output)`.
+    fn post_attention(&self, residual: &Tensor, h: &Tensor, eps: f32) -> Result<Tensor> {
+        if gpu_path(h.device()) && super::fused::supported(h.dtype()) {
+            return super::fused::residual_rms(residual, h, &self.post_attn_norm, None, eps);
+        }
+        residual + rms(h, &self.post_attn_norm, eps)?
+    }
+
+    /// `(residual + norm(feed-forward output)) · layer_scalar`.
+    fn post_feed_forward(&self, residual: &Tensor, h: &Tensor, eps: f32) -> Result<Tensor> {
+        if gpu_path(h.device()) && super::fused::supported(h.dtype()) {
+            return super::fused::residual_rms(residual, h, &self.post_ff_norm, Some(self.layer_scalar_value), eps);
+        }
+        (residual + rms(h, &self.post_ff_norm, eps)?)?.broadcast_mul(&self.layer_scalar)
+    }
+
+    /// `gelu(gate) · up`.
+    fn gelu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if gpu_path(gate.device()) && super::fused::supported(gate.dtype()) {
+            return super::fused::gelu_mul(gate, up);
+        }
+        gate.gelu()? * up
+    }
+}
+
 pub struct Gemma4Model {
     pub config: Gemma4Config,
     device: Device,
@@ -222,6 +250,7 @@ impl Gemma4Model {
                 down: linear(&m, t.intermediate_size, t.hidden_size, "down_proj")?,
             };
             let layer_scalar = if l.contains_tensor("layer_scalar") { l.get(1, "layer_scalar")? } else { Tensor::ones(1, dtype, &device)? };
+            let layer_scalar_value = layer_scalar.to_dtype(DType::F32)?.to_vec1::<f32>()?[0];
             layers.push(DecoderLayer {
                 attn,
                 mlp,
@@ -230,6 +259,7 @@ impl Gemma4Model {
                 pre_ff_norm: l.get(t.hidden_size, "pre_feedforward_layernorm.weight")?,
                 post_ff_norm: l.get(t.hidden_size, "post_feedforward_layernorm.weight")?,
                 layer_scalar,
+                layer_scalar_value,
             });
         }
         let norm = lm.get(t.hidden_size, "norm.weight")?;
@@ -437,14 +467,12 @@ impl Gemma4Model {
             let residual = x.clone();
             let h = rms(&x, &layer.input_norm, eps)?;
             let h = self.attention(&layer.attn, li, &h, cos, sin, start, &mut masks, cache)?;
-            let h = rms(&h, &layer.post_attn_norm, eps)?;
-            x = (residual + h)?;
+            x = layer.post_attention(&residual, &h, eps)?;
             let residual = x.clone();
             let h = rms(&x, &layer.pre_ff_norm, eps)?;
-            let gate = layer.mlp.gate.forward(&h)?.gelu()?;
-            let h = layer.mlp.down.forward(&(gate * layer.mlp.up.forward(&h)?)?)?;
-            let h = rms(&h, &layer.post_ff_norm, eps)?;
-            x = (residual + h)?.broadcast_mul(&layer.layer_scalar)?;
+            let act = layer.gelu_mul(&layer.mlp.gate.forward(&h)?, &layer.mlp.up.forward(&h)?)?;
+            let h = layer.mlp.down.forward(&act)?;
+            x = layer.post_feed_forward(&residual, &h, eps)?;
         }
         cache.advance(n);
         let x = if input.all_logits { x } else { x.narrow(0, n - 1, 1)? };
@@ -496,14 +524,12 @@ impl Gemma4Model {
                 outs.push(self.attend(a, li, &row(&q)?, &row(&k)?, &row(&v)?, cos, sin, starts[i], &mut masks, cache)?);
             }
             let h = apply(&a.o_proj, &Tensor::cat(&outs, 0)?)?;
-            let h = rms(&h, &layer.post_attn_norm, eps)?;
-            x = (residual + h)?;
+            x = layer.post_attention(&residual, &h, eps)?;
             let residual = x.clone();
             let h = rms(&x, &layer.pre_ff_norm, eps)?;
-            let gate = apply(&layer.mlp.gate, &h)?.gelu()?;
-            let h = apply(&layer.mlp.down, &(gate * apply(&layer.mlp.up, &h)?)?)?;
-            let h = rms(&h, &layer.post_ff_norm, eps)?;
-            x = (residual + h)?.broadcast_mul(&layer.layer_scalar)?;
+            let act = layer.gelu_mul(&apply(&layer.mlp.gate, &h)?, &apply(&layer.mlp.up, &h)?)?;
+            let h = apply(&layer.mlp.down, &act)?;
+            x = layer.post_feed_forward(&residual, &h, eps)?;
         }
         for cache in caches.iter_mut() {
             cache.advance(1);
