@@ -258,7 +258,7 @@ extern "C" __global__ void gelu_mul_bf16(const bf16* g, const bf16* u, bf16* o, 
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = s1.device().clone();
+        let dev = s1.device.clone();
         let cols = l3.shape().elem_count();
         let rows = l1.shape().elem_count() / cols.max(1);
         let (r1, r2, r3) = (range(l1)?, range(l2)?, range(l3)?);
@@ -291,7 +291,7 @@ extern "C" __global__ void gelu_mul_bf16(const bf16* g, const bf16* u, bf16* o, 
     }
 
     pub fn gelu_mul(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = s1.device().clone();
+        let dev = s1.device.clone();
         let (r1, r2) = (range(l1)?, range(l2)?);
         let n = (r1.1 - r1.0) as i64;
         let blocks = ((n as u64).div_ceil(256)).clamp(1, 132 * 16) as u32;
