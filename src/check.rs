@@ -27,6 +27,21 @@ pub fn load_tool_specs(config: &Config) -> Result<(crate::tools::ToolSet, crate:
 #[derive(Debug, Default)]
 pub struct CheckReport {
     pub problems: Vec<String>,
+    /// Facts worth knowing that are not problems (what the KV budget holds).
+    pub notes: Vec<String>,
+}
+
+/// What one session's KV cache costs on the embedded model, in bytes: a fixed part
+/// (sliding layers hold their window, the rollback slack and a spare quarter) and a
+/// part per token of context (global layers keep every position).
+pub fn kv_cost(cfg: &crate::model::gemma4::config::TextConfig, dtype_bytes: usize) -> (usize, usize) {
+    use crate::model::gemma4::cache::{ROLLBACK_SLACK, SLIDING_SPARE};
+    use crate::model::gemma4::config::LayerKind;
+    let held = cfg.sliding_window + ROLLBACK_SLACK + SLIDING_SPARE;
+    let per_position = |l: &crate::model::gemma4::config::LayerSpec| 2 * l.num_kv_heads * l.head_dim * dtype_bytes;
+    let fixed = cfg.layers.iter().filter(|l| l.kind == LayerKind::Sliding).map(|l| per_position(l) * held).sum();
+    let per_token = cfg.layers.iter().filter(|l| l.kind == LayerKind::Full).map(per_position).sum();
+    (fixed, per_token)
 }
 
 /// Validates the config file, the files it names, and the YAML under `agents/` and `tools/`.
@@ -58,8 +73,9 @@ pub fn check(path: &Path) -> CheckReport {
                 dir.display()
             ));
         } else {
-            if let Err(e) = crate::model::gemma4::Gemma4Config::from_file(&cfg) {
-                report.problems.push(format!("{}: {e}", cfg.display()));
+            match crate::model::gemma4::Gemma4Config::from_file(&cfg) {
+                Err(e) => report.problems.push(format!("{}: {e}", cfg.display())),
+                Ok(model) => report.notes.push(kv_note(&config, &model.text)),
             }
             if !dir.join("tokenizer.json").exists() {
                 report.problems.push(format!("{}: tokenizer.json is missing", dir.display()));
@@ -88,6 +104,33 @@ pub fn check(path: &Path) -> CheckReport {
         Err(problems) => report.problems.extend(problems),
     }
     report
+}
+
+/// How many sessions the KV budget keeps cached, at a short and at a full context,
+/// next to `server.max_sessions`: sessions beyond it still run, but their caches are
+/// evicted (least recently used) and their next turn prefills its context again.
+fn kv_note(config: &Config, text: &crate::model::gemma4::config::TextConfig) -> String {
+    let dtype_bytes = match config.backend.embedded.dtype.as_str() {
+        "f32" => 4,
+        _ => 2,
+    };
+    let (fixed, per_token) = kv_cost(text, dtype_bytes);
+    let budget = config.backend.embedded.kv_budget_mb.saturating_mul(1 << 20);
+    let full = config.session.context.max_tokens.min(text.max_position_embeddings);
+    let fits = |tokens: usize| budget / (fixed + per_token * tokens).max(1);
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    format!(
+        "backend.embedded.kv_budget_mb: {} MiB keeps {} sessions cached at 8K tokens of context, {} at the full {full} \
+         ({:.0} MiB + {:.1} KiB per token each, {}); server.max_sessions is {}: sessions beyond what fits re-prefill \
+         their context when they next speak",
+        config.backend.embedded.kv_budget_mb,
+        fits(8192),
+        fits(full),
+        mib(fixed),
+        per_token as f64 / 1024.0,
+        config.backend.embedded.dtype,
+        config.server.max_sessions
+    )
 }
 
 /// Starts the set's MCP servers, then stops them: what would keep tools from running.

@@ -245,6 +245,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for line in &report.problems {
                 println!("{line}");
             }
+            for line in &report.notes {
+                println!("note: {line}");
+            }
             if report.problems.is_empty() {
                 println!("{}: ok", config.display());
                 Ok(ExitCode::SUCCESS)

@@ -154,3 +154,24 @@ fn model_parity_passes_in_f32_and_fails_loudly_below_rounding() {
     assert!(!ok, "{out}");
     assert!(out.contains("| NO"), "{out}");
 }
+
+/// `hark check` says what the KV budget holds: one 12B session in bf16 is ≈520 MiB of
+/// sliding-layer windows plus 16 KiB per token of context.
+#[test]
+fn check_says_how_many_sessions_the_kv_budget_keeps() {
+    use hark::model::gemma4::init::{config_json, Preset};
+    let cfg = hark::model::gemma4::Gemma4Config::from_json(&config_json(Preset::Gemma12B)).unwrap();
+    let (fixed, per_token) = hark::check::kv_cost(&cfg.text, 2);
+    assert_eq!((fixed, per_token), (520 << 20, 16 << 10));
+
+    let ckpt = tempfile::tempdir().unwrap();
+    hark::model::gemma4::init::write_random_checkpoint(Preset::Tiny, ckpt.path(), true, 1, |_, _| {}).unwrap();
+    let cfg = repo_root().join("config.yaml");
+    let (ok, out) = hark(
+        &["check", "--config", cfg.to_str().unwrap()],
+        &[("HARK_BACKEND__EMBEDDED__CHECKPOINT", ckpt.path().to_str().unwrap()), ("HARK_BACKEND__EMBEDDED__KV_BUDGET_MB", "64")],
+    );
+    assert!(ok, "{out}");
+    let note = out.lines().find(|l| l.starts_with("note: backend.embedded.kv_budget_mb: 64 MiB keeps")).unwrap_or_else(|| panic!("{out}"));
+    assert!(note.contains("server.max_sessions is 64"), "{note}");
+}

@@ -23,6 +23,12 @@ use super::config::{LayerKind, TextConfig};
 /// go back this far.
 pub const ROLLBACK_SLACK: usize = 512;
 
+/// Positions a sliding layer's buffer has beyond the window and slack after it moves
+/// them to a fresh one: it moves again once these are filled (every 128 decode steps,
+/// copying the 1.5K kept positions: ~12 per token, against the whole window per token
+/// when appending by concatenation).
+pub const SLIDING_SPARE: usize = 128;
+
 #[derive(Clone)]
 struct LayerCache {
     kind: LayerKind,
@@ -79,7 +85,7 @@ impl KvCache {
         let n = k.dim(1)?;
         let capacity = c.k.as_ref().map_or(Ok(0), |b| b.dim(1))?;
         if c.len + n > capacity && c.len > keep {
-            c.drop_front(c.len - keep)?;
+            c.drop_front(c.len - keep, n + SLIDING_SPARE)?;
         }
         // This call's first query (at start + len) sees back to `window - 1` keys before it.
         let first_query = c.start + c.len;
@@ -143,10 +149,10 @@ impl LayerCache {
     }
 
     /// Forgets the oldest `drop` positions: the rest moves to the front of fresh
-    /// buffers (sized for growth), so clones holding the old ones are unaffected.
-    fn drop_front(&mut self, drop: usize) -> Result<()> {
+    /// buffers with `room` free positions, so clones holding the old ones are unaffected.
+    fn drop_front(&mut self, drop: usize, room: usize) -> Result<()> {
         let rest = self.len - drop;
-        let cap = grown(rest);
+        let cap = rest + room;
         let moved = |old: &Option<Tensor>| -> Result<Option<Tensor>> {
             let Some(old) = old else { return Ok(None) };
             let (h, _, d) = old.dims3()?;
