@@ -181,7 +181,8 @@ async fn openai_style_page_talks_over_webrtc() {
     let end = events.iter().map(at).fold(0.0, f64::max);
     let expected = simulate_sampler(frames[0], end, speaking, fps_speaking as f64, fps_idle as f64);
     eprintln!("camera frames sampled: {} over {:.1} s (expected {expected}); keyframe requests {}", frames.len(), (end - frames[0]) / 1000.0, stats.keyframe_requests);
-    assert_eq!(stats.frames_sampled as usize, frames.len(), "hark's count and the page's agree");
+    // The page closes the call at once; a frame sampled in that instant never reaches it.
+    assert!((frames.len()..=frames.len() + 1).contains(&(stats.frames_sampled as usize)), "hark sampled {}, the page saw {}", stats.frames_sampled, frames.len());
     assert!(frames.len().abs_diff(expected) <= 1, "{} frames sampled, {expected} expected from the rates; at {frames:?}, speaking {speaking:?}", frames.len());
     for pair in frames.windows(2) {
         assert!(pair[1] - pair[0] >= 1000.0 / fps_speaking as f64 - 100.0, "frames closer than the fastest rate allows: {frames:?}");

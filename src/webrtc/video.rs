@@ -61,33 +61,60 @@ pub enum VideoError {
     Jpeg(String),
 }
 
-/// When the next frame is due.
+/// When the next frame is due. Samples are scheduled on a fixed grid (each due time
+/// is the last one plus the interval), so the time a keyframe takes to arrive does not
+/// stretch the interval: the rate stays the configured one. The grid follows the
+/// current state, so a user who starts speaking gets the faster rate at once.
 #[derive(Debug)]
 pub struct Sampler {
     settings: VideoSettings,
-    last: Option<Instant>,
+    /// The due time of the last sample taken.
+    last_due: Option<Instant>,
+    /// How long a keyframe takes to come after it is asked for (smoothed): the
+    /// request goes out this much before the frame is due.
+    lead: Duration,
 }
+
+/// Longest lead: a keyframe slower than this is simply late.
+const MAX_LEAD: Duration = Duration::from_millis(300);
 
 impl Sampler {
     pub fn new(settings: VideoSettings) -> Self {
-        Self { settings, last: None }
+        Self { settings, last_due: None, lead: Duration::from_millis(50) }
     }
 
-    /// Whether a frame taken at `now` would be a sample. The interval follows the
-    /// current state, so a user who starts speaking gets the faster rate at once.
-    pub fn due(&self, now: Instant, speaking: bool) -> bool {
+    fn interval(&self, speaking: bool) -> Option<Duration> {
         let fps = if speaking { self.settings.fps_speaking } else { self.settings.fps_idle };
-        if fps <= 0.0 {
-            return false;
-        }
-        match self.last {
-            None => true,
-            Some(last) => now.duration_since(last).as_secs_f32() >= 1.0 / fps,
-        }
+        (fps > 0.0).then(|| Duration::from_secs_f32(1.0 / fps))
     }
 
-    pub fn taken(&mut self, at: Instant) {
-        self.last = Some(at);
+    /// When the next frame is due; `None`: sampling is off in this state.
+    pub fn next_due(&self, speaking: bool) -> Option<Instant> {
+        let interval = self.interval(speaking)?;
+        Some(match self.last_due {
+            None => Instant::now(),
+            Some(last) => last + interval,
+        })
+    }
+
+    /// Whether a frame at `now` may be taken (the window opens `lead` early, when the
+    /// keyframe asked for ahead of time arrives).
+    pub fn due(&self, now: Instant, speaking: bool) -> bool {
+        self.next_due(speaking).is_some_and(|d| now + self.lead >= d)
+    }
+
+    /// A frame was taken at `at`; `asked` is when its keyframe was requested.
+    pub fn taken(&mut self, at: Instant, speaking: bool, asked: Option<Instant>) {
+        if let Some(asked) = asked {
+            let took = at.duration_since(asked).min(MAX_LEAD);
+            self.lead = (self.lead * 3 + took) / 4;
+        }
+        let interval = self.interval(speaking).unwrap_or_default();
+        self.last_due = Some(match self.last_due.map(|last| last + interval) {
+            // Far behind (sampling was off, or the stream stalled): start a new grid.
+            Some(due) if at <= due + interval => due,
+            _ => at,
+        });
     }
 }
 
@@ -326,7 +353,7 @@ pub async fn read_video(
                 continue;
             }
         };
-        sampler.taken(now);
+        sampler.taken(now, state.speaking.load(Ordering::Relaxed), asked);
         asked = None;
         state.sampled.fetch_add(1, Ordering::Relaxed);
         let at_ms = now.duration_since(started).as_millis() as u64;
@@ -355,10 +382,14 @@ mod tests {
         let mut s = Sampler::new(VideoSettings { fps_speaking: 1.0, fps_idle: 0.2, frame_tokens: 70 });
         let t0 = Instant::now();
         assert!(s.due(t0, false));
-        s.taken(t0);
+        s.taken(t0, false, None);
         assert!(!s.due(t0 + Duration::from_secs(2), false));
         assert!(s.due(t0 + Duration::from_secs(2), true), "speaking: 1 fps");
         assert!(s.due(t0 + Duration::from_secs(5), false), "idle: one per 5 s");
+        // A keyframe 200 ms late does not push the grid: the next is due at 2 s.
+        s.taken(t0 + Duration::from_millis(1200), true, Some(t0 + Duration::from_millis(1000)));
+        let next = s.next_due(true).unwrap();
+        assert!(next <= t0 + Duration::from_millis(2000), "{:?}", next - t0);
     }
 
     #[test]
