@@ -218,8 +218,12 @@ fn process_cpu_ms() -> u64 {
     ticks * 1000 / 100
 }
 
-/// 20 calls opened and closed by the page: every session ends, nothing is left open,
-/// and memory does not grow with the number of calls.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// 20 calls opened and closed by the page: every session ends, nothing is left open
+/// (sessions, calls, sockets), and memory does not grow with the number of calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_calls_leave_nothing_behind() {
     tools_present();
@@ -227,24 +231,32 @@ async fn twenty_calls_leave_nothing_behind() {
     let wav = speech_48k(dir.path(), "Hello.", 0.2, 0.5);
     let y4m = test_video(dir.path());
     let (_model, hark) = start_hark(0, (1.0, 0.2)).await;
-    // A first round warms up allocations (thread pools, codec tables, TLS).
-    let warm = run_browser("cycles", &hark, &wav, &y4m, dir.path(), &[("CYCLES", "3")]);
-    assert!(warm["cycles"].as_array().unwrap().iter().all(|c| c["created"] == true), "{warm}");
+    let mut total = 0;
+    let mut round = |n: usize| {
+        total += n;
+        let r = run_browser("cycles", &hark, &wav, &y4m, dir.path(), &[("CYCLES", &n.to_string())]);
+        let cycles = r["cycles"].as_array().unwrap().clone();
+        assert_eq!(cycles.len(), n);
+        assert!(cycles.iter().all(|c| c["status"] == 201 && c["created"] == true), "every call got session.created on its data channel: {r}");
+    };
+    // A first round warms up what is allocated once (thread pools, codec tables, TLS).
+    round(5);
     until(Duration::from_secs(20), "the warm-up calls to end", || hark.state.calls.open_count() == 0).await;
-    let rss_before = rss_kb();
-    let r = run_browser("cycles", &hark, &wav, &y4m, dir.path(), &[("CYCLES", "20")]);
-    let cycles = r["cycles"].as_array().unwrap();
-    assert_eq!(cycles.len(), 20);
-    assert!(cycles.iter().all(|c| c["status"] == 201 && c["created"] == true), "every call got session.created on its data channel: {r}");
-    until(Duration::from_secs(30), "all 20 calls to end", || hark.state.calls.open_count() == 0).await;
-    assert_eq!(hark.state.calls.ended_total(), 23);
-    assert_eq!(hark.state.calls.connected_total(), 23, "every call connected");
+    let (rss0, fds0) = (rss_kb(), open_fds());
+    round(20);
+    until(Duration::from_secs(30), "20 calls to end", || hark.state.calls.open_count() == 0).await;
+    let (rss1, fds1) = (rss_kb(), open_fds());
+    round(20);
+    until(Duration::from_secs(30), "20 more calls to end", || hark.state.calls.open_count() == 0).await;
+    let (rss2, fds2) = (rss_kb(), open_fds());
+    assert_eq!(hark.state.calls.ended_total(), 45);
+    assert_eq!(hark.state.calls.connected_total(), 45, "every call connected");
     assert_eq!(metric(&hark, "hark_sessions_active").await, 0.0, "no session left open");
-    let rss_after = rss_kb();
-    eprintln!("RSS before 20 calls {rss_before} kB, after {rss_after} kB ({:+} kB)", rss_after as i64 - rss_before as i64);
     let reasons: Vec<String> = hark.state.calls.ended().iter().map(|s| s.reason.clone()).collect();
-    eprintln!("why calls ended: {reasons:?}");
-    assert!(rss_after < rss_before + 40 * 1024, "RSS grew by {} kB over 20 calls", rss_after as i64 - rss_before as i64);
+    assert!(reasons.iter().all(|r| r == "the data channel closed"), "calls end when the page closes them: {reasons:?}");
+    eprintln!("RSS {rss0} kB → {rss1} kB after 20 calls ({:+} kB) → {rss2} kB after 20 more ({:+} kB); open fds {fds0} → {fds1} → {fds2}", rss1 as i64 - rss0 as i64, rss2 as i64 - rss1 as i64);
+    assert!(fds1 <= fds0 + 2 && fds2 <= fds0 + 2, "sockets left open: {fds0} → {fds1} → {fds2}");
+    assert!(rss2 < rss1 + 20 * 1024, "RSS keeps growing with calls: {rss1} kB → {rss2} kB over 20 calls");
 }
 
 /// hark's own page at `/`, driven like a person would: Start, speak (the fake mic),
