@@ -273,6 +273,9 @@ pub struct WebRtcConfig {
     pub client_secret_ttl_s: u64,
     /// A call whose peer has not connected this long after the answer is dropped.
     pub connect_timeout_ms: u64,
+    /// A connected peer that has answered no ICE check this long has gone (tab killed,
+    /// network lost): its call ends. Browsers send checks every few seconds.
+    pub ice_failed_timeout_ms: u64,
     /// Camera frames sampled into the context per second while the user speaks.
     pub video_fps_speaking: f32,
     /// … and while nobody speaks.
@@ -298,6 +301,7 @@ impl Default for WebRtcConfig {
             ice_servers: Vec::new(),
             client_secret_ttl_s: 600,
             connect_timeout_ms: 15_000,
+            ice_failed_timeout_ms: 15_000,
             video_fps_speaking: 1.0,
             video_fps_idle: 0.2,
             video_frame_tokens: 70,
@@ -496,6 +500,9 @@ impl Config {
             if s.urls.is_empty() || s.urls.iter().any(|u| !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:"))) {
                 return bad(format!("webrtc.ice_servers: urls {:?} must be stun:, turn: or turns: URLs", s.urls));
             }
+        }
+        if self.webrtc.ice_failed_timeout_ms < 1000 {
+            return bad("webrtc.ice_failed_timeout_ms: must be at least 1000".into());
         }
         if self.webrtc.client_secret_ttl_s == 0 || self.webrtc.client_secret_ttl_s > 7200 {
             return bad("webrtc.client_secret_ttl_s: must be within 1..7200".into());

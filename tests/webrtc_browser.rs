@@ -259,6 +259,32 @@ async fn twenty_calls_leave_nothing_behind() {
     assert!(rss2 < rss1 + 20 * 1024, "RSS keeps growing with calls: {rss1} kB → {rss2} kB over 20 calls");
 }
 
+/// A browser killed mid-call (no DTLS close, no SCTP abort) is noticed by ICE: the
+/// call and its session end within `webrtc.ice_failed_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vanished_peer_ends_its_call() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let wav = speech_48k(dir.path(), "Hello.", 0.2, 0.5);
+    let y4m = test_video(dir.path());
+    let model = ScriptedModel::start().await;
+    let mut cfg = test_config(&model.base_url());
+    cfg.webrtc.ice_failed_timeout_ms = 3000;
+    let hark = Hark::start(cfg).await;
+    let r = run_browser("vanish", &hark, &wav, &y4m, dir.path(), &[]);
+    assert_eq!(r["created"], true, "{r}");
+    let killed = Instant::now();
+    assert_eq!(hark.state.calls.open_count(), 1, "the call outlives the browser until ICE gives up");
+    until(Duration::from_secs(15), "the vanished peer's call to end", || hark.state.calls.open_count() == 0).await;
+    let took = killed.elapsed();
+    let stats = hark.state.calls.ended().pop().unwrap();
+    eprintln!("vanished peer noticed after {took:?}: {}", stats.reason);
+    assert!(stats.connected);
+    assert!(stats.reason.contains("failed") || stats.reason.contains("closed"), "{stats:?}");
+    assert!(took < Duration::from_secs(8), "ICE took {took:?} to give up (configured 3 s)");
+    assert_eq!(metric(&hark, "hark_sessions_active").await, 0.0);
+}
+
 /// hark's own page at `/`, driven like a person would: Start, speak (the fake mic),
 /// read the streamed answer and the turn's latency. Saves a screenshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -106,6 +106,37 @@ async fn bad_offers_and_keys_are_clear_4xx() {
     assert_eq!(ready["webrtc_calls"], 0, "{ready}");
 }
 
+/// An offer that is answered but whose peer never shows up: the key is spent (a reuse
+/// is refused), and the call ends by itself after `webrtc.connect_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_call_whose_peer_never_comes_ends() {
+    let model = ScriptedModel::start().await;
+    let mut cfg = test_config(&model.base_url());
+    cfg.webrtc.connect_timeout_ms = 500;
+    let hark = Hark::start(cfg).await;
+    let base = hark.base_url();
+    let (_, secret) = mint(&base, json!({})).await;
+    let key = secret["value"].as_str().unwrap();
+    let sdp = format!("{HEAD}{}{DATA}", audio_section(&[(111, "opus/48000/2")]));
+    let r = reqwest::Client::new().post(format!("{base}/realtime/calls")).bearer_auth(key).header("Content-Type", "application/sdp").body(sdp.clone()).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(location.starts_with("/v1/realtime/calls/rtc_"), "{location}");
+    assert_eq!(r.headers()["content-type"], "application/sdp");
+    let answer = r.text().await.unwrap();
+    assert!(answer.starts_with("v=0") && answer.contains("a=candidate:") && answer.contains("127.0.0.1"), "a loopback host candidate:\n{answer}");
+    assert!(answer.contains("opus/48000/2"), "{answer}");
+    let (status, body) = post_sdp(&format!("{base}/realtime/calls"), Some(key), &sdp).await;
+    assert_error(status, &body, 401, "invalid_api_key", "already been used");
+    let t = std::time::Instant::now();
+    while hark.state.calls.open_count() > 0 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "the unconnected call was not dropped");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let stats = hark.state.calls.ended().pop().unwrap();
+    assert!(!stats.connected && stats.reason.contains("did not connect"), "{stats:?}");
+}
+
 #[tokio::test]
 async fn calls_need_a_key_when_keys_are_configured() {
     let model = ScriptedModel::start().await;

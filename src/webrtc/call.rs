@@ -112,7 +112,16 @@ pub async fn answer(ctx: CallContext, offer: Offer) -> Result<Answered, CallErro
         .collect();
     let config = RTCConfigurationBuilder::new().with_ice_servers(ice_servers).build();
     // Browsers on the same machine reach hark over loopback; RFC 8445 skips it by default.
-    let settings = SettingEngineBuilder::new().with_include_loopback_candidate(true).build();
+    // A peer that vanishes without closing (killed tab, lost network) is noticed by
+    // ICE consent checks: "disconnected" after a few missed keepalives, "failed" (the
+    // call ends) after `ice_failed_timeout_ms`.
+    let failed = Duration::from_millis(ctx.webrtc.ice_failed_timeout_ms);
+    let disconnected = (failed / 3).min(Duration::from_secs(5));
+    let settings = SettingEngineBuilder::new()
+        .with_include_loopback_candidate(true)
+        // (ICE counts "failed" from "disconnected", as pion does.)
+        .with_ice_timeouts(Some(disconnected), Some(failed.saturating_sub(disconnected)), Some(Duration::from_secs(2)))
+        .build();
     let (tx, mut events) = mpsc::unbounded_channel();
     let pc = PeerConnectionBuilder::new()
         .with_configuration(config)

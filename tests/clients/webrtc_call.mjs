@@ -12,6 +12,8 @@
 //            session.created on the data channel, then closes the peer connection.
 //   page     hark's built-in page at `/`: press Start, wait for the model's answer,
 //            save a screenshot.
+//   vanish   opens a call, waits for session.created, then SIGKILLs the browser: the
+//            peer goes away without a word (no DTLS close, no SCTP abort).
 // Prints `RESULT {json}` as its last line.
 
 import { chromium } from 'playwright-core';
@@ -43,7 +45,9 @@ async function mintSecret() {
   return (await r.json()).value;
 }
 
-const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', args });
+// Launched as a server so that `vanish` can kill the browser's process outright.
+const server = await chromium.launchServer({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', args });
+const browser = await chromium.connect(server.wsEndpoint());
 const result = { mode };
 try {
   const context = await browser.newContext();
@@ -131,6 +135,29 @@ try {
         return { status: 201, created: ok };
       }, { base, key }));
     }
+  } else if (mode === 'vanish') {
+    await page.goto(`${base}/healthz`);
+    const key = await mintSecret();
+    Object.assign(result, await page.evaluate(async ({ base, key }) => {
+      const pc = new RTCPeerConnection();
+      const mic = await navigator.mediaDevices.getUserMedia({ audio: true });
+      pc.addTrack(mic.getAudioTracks()[0], mic);
+      const dc = pc.createDataChannel('oai-events');
+      const created = new Promise((resolve) => dc.addEventListener('message', (e) => {
+        if (JSON.parse(e.data).type === 'session.created') resolve(true);
+      }));
+      const offer = await pc.createOffer();
+      await pc.setLocalDescription(offer);
+      const r = await fetch(`${base}/v1/realtime/calls`, {
+        method: 'POST', body: offer.sdp, headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/sdp' },
+      });
+      if (r.status !== 201) return { status: r.status };
+      await pc.setRemoteDescription({ type: 'answer', sdp: await r.text() });
+      const ok = await Promise.race([created, new Promise((r) => setTimeout(() => r(false), 10000))]);
+      return { status: 201, created: ok };
+    }, { base, key }));
+    server.process().kill('SIGKILL');
+    result.killed = true;
   } else if (mode === 'page') {
     await page.goto(`${base}/`);
     await page.click('#start');
@@ -153,6 +180,7 @@ try {
 } catch (e) {
   result.error = String(e && e.stack || e);
 } finally {
-  await browser.close();
+  if (!result.killed) await browser.close().catch(() => {});
+  await server.close().catch(() => {});
 }
 console.log('RESULT ' + JSON.stringify(result));
