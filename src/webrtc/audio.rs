@@ -2,10 +2,11 @@
 //! resample → VAD → chunk stages), and hark's Opus track out.
 //!
 //! Decoder choice: `opus` 0.3 (bindings to Debian's libopus 1.3 through
-//! `audiopus_sys`/pkg-config) rather than the pure-Rust `opus-rs` port. libopus is the
-//! reference decoder browsers themselves use, it is packaged and security-maintained
-//! by the distribution, and decoding is cheap either way (see the measurement in the
-//! README's WebRTC section); a port adds a large unaudited decoder for no gain here.
+//! `audiopus_sys`/pkg-config) rather than the pure-Rust `opus-rs` 0.1.40 port.
+//! Measured on the same packets (`tests/opus_decoders.rs`: espeak speech, 20 ms frames
+//! at 32 kbit/s): libopus 35.5 µs per packet, opus-rs 46.0 µs, outputs identical
+//! (correlation 1.00000). Both are far below the 20 ms budget; libopus is ≈1.3× faster,
+//! it is the reference decoder browsers use, and the distribution maintains it.
 
 use std::time::Duration;
 
