@@ -137,6 +137,43 @@ async fn an_answered_call_whose_peer_never_comes_ends() {
     assert!(!stats.connected && stats.reason.contains("did not connect"), "{stats:?}");
 }
 
+/// The other body forms OpenAI accepts — `{sdp, session}` as multipart or JSON — and
+/// hanging up a call by its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_and_json_offers_and_hangup() {
+    let model = ScriptedModel::start().await;
+    let hark = Hark::start(test_config(&model.base_url())).await;
+    let base = hark.base_url();
+    let sdp = format!("{HEAD}{}{DATA}", audio_section(&[(111, "opus/48000/2")]));
+    let http = reqwest::Client::new();
+    let boundary = "hark-test-boundary";
+    let form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"sdp\"\r\n\r\n{sdp}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"session\"\r\n\r\n{}\r\n--{boundary}--\r\n",
+        json!({"type": "realtime", "instructions": "From the form."})
+    );
+    let r = http.post(format!("{base}/realtime/calls")).header("Content-Type", format!("multipart/form-data; boundary={boundary}")).body(form).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
+    let r = http.post(format!("{base}/realtime/calls")).json(&json!({"sdp": sdp, "session": {"type": "realtime"}})).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(hark.state.calls.open_count(), 2);
+    let r = http.post(format!("http://{}{location}/hangup", hark.addr)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let t = std::time::Instant::now();
+    while hark.state.calls.open_count() > 1 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "the hung-up call did not end");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(hark.state.calls.ended().pop().unwrap().reason, "hung up");
+    let r = http.post(format!("http://{}{location}/hangup", hark.addr)).send().await.unwrap();
+    let (status, body) = (r.status().as_u16(), r.json::<Value>().await.unwrap());
+    assert_error(status, &body, 404, "call_not_found", "no open call");
+    // A bad session in the form is refused before anything is built.
+    let r = http.post(format!("{base}/realtime/calls")).json(&json!({"sdp": sdp, "session": "loud"})).send().await.unwrap();
+    let (status, body) = (r.status().as_u16(), r.json::<Value>().await.unwrap());
+    assert_error(status, &body, 400, "invalid_value", "session");
+}
+
 #[tokio::test]
 async fn calls_need_a_key_when_keys_are_configured() {
     let model = ScriptedModel::start().await;
