@@ -392,6 +392,40 @@ mod tests {
         assert!(next <= t0 + Duration::from_millis(2000), "{:?}", next - t0);
     }
 
+    /// A real VP8 keyframe (ffmpeg's libvpx encoder, testsrc pattern) through hark's
+    /// decoder, colour conversion and resize.
+    #[test]
+    fn decodes_a_real_keyframe() {
+        let dir = tempfile::tempdir().unwrap();
+        let ivf = dir.path().join("t.ivf");
+        let st = std::process::Command::new("ffmpeg")
+            .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=15", "-frames:v", "1", "-c:v", "libvpx", "-f", "ivf"])
+            .arg(&ivf)
+            .status()
+            .expect("ffmpeg is missing: run scripts/test, which installs it");
+        assert!(st.success());
+        let bytes = std::fs::read(&ivf).unwrap();
+        // IVF: a 32-byte file header, then per frame 4 bytes of size and 8 of pts.
+        let size = u32::from_le_bytes(bytes[32..36].try_into().unwrap()) as usize;
+        let frame = &bytes[44..44 + size];
+        assert!(is_keyframe(frame));
+        let mut dec = Vp8Decoder::new().unwrap();
+        let (rgb, w, h) = dec.decode_rgb(frame).unwrap().unwrap();
+        assert_eq!((w, h), (320, 240));
+        // testsrc's colour bars: somewhere in the frame is a saturated red, green, blue.
+        let px = |x: usize, y: usize| &rgb[(y * w + x) * 3..][..3];
+        let has = |f: &dyn Fn(&[u8]) -> bool| (0..h).step_by(4).any(|y| (0..w).step_by(4).any(|x| f(px(x, y))));
+        assert!(has(&|p| p[0] > 180 && p[1] < 80 && p[2] < 80), "red");
+        assert!(has(&|p| p[1] > 180 && p[0] < 80 && p[2] < 80), "green");
+        assert!(has(&|p| p[2] > 180 && p[0] < 80 && p[1] < 80), "blue");
+        let url = to_data_url(rgb, w, h, 70).unwrap();
+        let jpeg = base64::engine::general_purpose::STANDARD.decode(url.strip_prefix("data:image/jpeg;base64,").unwrap()).unwrap();
+        let img = image::load_from_memory(&jpeg).unwrap();
+        assert_eq!((img.width(), img.height()), (432, 336), "9×7 patches of 48 px");
+        // Garbage is an error, not a crash.
+        assert!(dec.decode_rgb(&[0x00, 0x01, 0x02]).is_err());
+    }
+
     #[test]
     fn vp8_descriptor() {
         // X=1, S=1, PID=0; I=1 with a 15-bit picture id; then a keyframe's first byte.
