@@ -169,11 +169,20 @@ async fn openai_style_page_talks_over_webrtc() {
     // Camera frames: each sampled frame is an image item; their count follows the
     // rates over the call's own timeline (page clock, event arrival times).
     let at = |e: &Value| e["at"].as_f64().unwrap();
-    let frames: Vec<f64> = events
+    // A camera frame is [input_text "mm:ss", input_image]; the page's own image is not.
+    let is_frame = |e: &Value| {
+        e["type"] == "conversation.item.added"
+            && e["item"]["content"].as_array().is_some_and(|c| c.len() == 2 && c[0]["type"] == "input_text" && c[1]["type"] == "input_image")
+    };
+    let frames: Vec<f64> = events.iter().filter(|e| is_frame(e)).map(at).collect();
+    // The page's own image, far over SCTP's default 64 KiB message, arrived whole.
+    assert!(r["imageBytes"].as_u64().unwrap() > 64 * 1024, "{}", r["imageBytes"]);
+    let client_images = events
         .iter()
-        .filter(|e| e["type"] == "conversation.item.added" && e["item"]["content"].as_array().is_some_and(|c| c.iter().any(|p| p["type"] == "input_image")))
-        .map(at)
-        .collect();
+        .filter(|e| e["type"] == "conversation.item.added" && e["item"]["content"].as_array().is_some_and(|c| c.len() == 1 && c[0]["type"] == "input_image"))
+        .count();
+    assert_eq!(client_images, 1, "the page's {} byte image became an item", r["imageBytes"]);
+    assert!(!types.contains(&"error"), "no errors: {:?}", events.iter().filter(|e| e["type"] == "error").collect::<Vec<_>>());
     let speaking = (
         at(events.iter().find(|e| e["type"] == "input_audio_buffer.speech_started").unwrap()),
         at(events.iter().find(|e| e["type"] == "input_audio_buffer.speech_stopped").unwrap()),
@@ -196,8 +205,8 @@ async fn openai_style_page_talks_over_webrtc() {
     let images = parts.iter().filter(|p| p["type"] == "image_url").count();
     let stamps = parts.iter().filter(|p| p["type"] == "text" && p["text"].as_str().is_some_and(|t| t.len() == 5 && t.as_bytes()[2] == b':')).count();
     let audio = parts.iter().filter(|p| p["type"] == "input_audio").count();
-    assert!(images >= 2 && images == stamps, "{images} images, {stamps} stamps in the model's request");
-    assert!(images <= frames.len(), "never more frames than sampled");
+    assert!(images >= 3 && images == stamps + 1, "{images} images (the page's and the frames), {stamps} stamps in the model's request");
+    assert!(stamps <= frames.len(), "never more frames than sampled");
     assert_eq!(audio, 1, "the user's turn as audio");
     assert!(parts.iter().any(|p| p["type"] == "image_url" && p["image_url"]["url"].as_str().unwrap().starts_with("data:image/jpeg;base64,")));
     eprintln!("CPU for the call: {cpu} ms over {:.1} s wall ({:.1}% of one core, hark and its test process)", wall.as_secs_f64(), cpu as f64 / wall.as_millis() as f64 * 100.0);

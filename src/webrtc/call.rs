@@ -19,6 +19,7 @@ use ::webrtc::rtp_transceiver::RtpSender;
 use rtc::media::Sample;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
+use rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -117,7 +118,12 @@ pub async fn answer(ctx: CallContext, offer: Offer) -> Result<Answered, CallErro
     // call ends) after `ice_failed_timeout_ms`.
     let failed = Duration::from_millis(ctx.webrtc.ice_failed_timeout_ms);
     let disconnected = (failed / 3).min(Duration::from_secs(5));
+    // SCTP's default limit is 64 KiB per message (RFC 8841); a client image sent as
+    // conversation.item.create is larger. Browsers cap their side themselves (Chromium
+    // 256 KiB), so hark accepts up to its own WebSocket limit.
+    let max_message = u32::try_from(ctx.max_message_bytes).unwrap_or(u32::MAX);
     let settings = SettingEngineBuilder::new()
+        .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(max_message))
         .with_include_loopback_candidate(true)
         // (ICE counts "failed" from "disconnected", as pion does.)
         .with_ice_timeouts(Some(disconnected), Some(failed.saturating_sub(disconnected)), Some(Duration::from_secs(2)))

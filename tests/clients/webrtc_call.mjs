@@ -92,6 +92,16 @@ try {
       await audio.sender.replaceTrack(mic.getAudioTracks()[0]);
       const micAt = performance.now() - t0;
       dc.send(JSON.stringify({ type: 'session.update', session: { type: 'realtime', instructions: 'Be brief.' } }));
+      // A client image larger than SCTP's default 64 KiB message (noise does not compress).
+      const canvas = document.createElement('canvas');
+      canvas.width = 160; canvas.height = 160;
+      const g = canvas.getContext('2d');
+      const px = g.createImageData(160, 160);
+      for (let i = 0; i < px.data.length; i++) px.data[i] = (i % 4 === 3) ? 255 : Math.floor(Math.random() * 256);
+      g.putImageData(px, 0, 0);
+      const imageUrl = canvas.toDataURL('image/png');
+      dc.send(JSON.stringify({ type: 'conversation.item.create', event_id: 'client_image', item: { type: 'message', role: 'user', content: [{ type: 'input_image', image_url: imageUrl }] } }));
+      const imageBytes = imageUrl.length;
       const how = await Promise.race([finished, new Promise((r) => setTimeout(() => r('timeout'), waitMs))]);
       // The camera's sampling is measured over a fixed window of the call.
       const rest = holdMs - (performance.now() - t0);
@@ -101,7 +111,7 @@ try {
       pc.close();
       mic.getTracks().forEach((t) => t.stop());
       camera.getTracks().forEach((t) => t.stop());
-      return { status, location, how, state, remote, micAt, events };
+      return { status, location, how, state, remote, micAt, imageBytes, events };
     }, { base, key, waitMs, holdMs }));
     // A reused key is refused.
     const again = await fetch(`${base}/v1/realtime/calls`, {
