@@ -9,113 +9,14 @@
 //! (scripts/test installs them all).
 
 mod common;
+mod webrtc_support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-
-const ANSWER: &str = "I can hear you.";
-
-fn tools_present() {
-    for (tool, why) in [("chromium", "the browser"), ("ffmpeg", "the Y4M camera"), ("espeak-ng", "speech"), ("sox", "speech"), ("node", "playwright")] {
-        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
-        assert!(found, "{tool} is missing ({why}): run scripts/test, which installs it");
-    }
-    assert!(repo_root().join("tests/clients/node_modules/playwright-core").exists(), "playwright-core is missing: run scripts/test (npm ci in tests/clients)");
-}
-
-/// Speech at 48 kHz (Chromium's capture rate): `pad_before` s of silence, the words,
-/// `pad_after` s of silence.
-fn speech_48k(dir: &Path, text: &str, pad_before: f32, pad_after: f32) -> PathBuf {
-    let raw = dir.join("speech.espeak.wav");
-    let out = dir.join("speech48k.wav");
-    assert!(Command::new("espeak-ng").args(["-v", "en-us", "-w"]).arg(&raw).arg(text).status().unwrap().success());
-    let st = Command::new("sox")
-        .arg(&raw)
-        .args(["-r", "48000", "-c", "1", "-b", "16", "-e", "signed"])
-        .arg(&out)
-        .args(["pad", &pad_before.to_string(), &pad_after.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    out
-}
-
-/// Where the speech is in a WAV: first and last 10 ms window louder than -40 dBFS, in ms.
-fn speech_bounds_ms(wav: &Path) -> (u64, u64) {
-    let mut r = hound::WavReader::open(wav).unwrap();
-    let rate = r.spec().sample_rate as usize;
-    let samples: Vec<f32> = r.samples::<i16>().map(|s| s.unwrap() as f32 / 32768.0).collect();
-    let win = rate / 100;
-    let loud: Vec<usize> = samples
-        .chunks(win)
-        .enumerate()
-        .filter(|(_, w)| (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt() > 0.01)
-        .map(|(i, _)| i)
-        .collect();
-    (*loud.first().unwrap() as u64 * 10, (*loud.last().unwrap() as u64 + 1) * 10)
-}
-
-fn test_video(dir: &Path) -> PathBuf {
-    let out = dir.join("camera.y4m");
-    let st = Command::new("ffmpeg")
-        .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=640x480:rate=15", "-t", "3", "-pix_fmt", "yuv420p"])
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(st.success(), "ffmpeg failed");
-    out
-}
-
-fn run_browser(mode: &str, hark: &Hark, wav: &Path, y4m: &Path, out: &Path, env: &[(&str, &str)]) -> Value {
-    let base = format!("http://{}", hark.addr);
-    let mut cmd = Command::new("node");
-    cmd.arg("webrtc_call.mjs").args([mode, &base]).arg(wav).arg(y4m).arg(out).current_dir(repo_root().join("tests/clients"));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let o = cmd.output().unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    let line = stdout.lines().rev().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or_else(|| panic!("no RESULT line:\n{stdout}\n{stderr}"));
-    let v: Value = serde_json::from_str(line).unwrap();
-    assert!(v.get("error").is_none(), "browser script failed: {}", v["error"]);
-    v
-}
-
-/// Polls hark's own state until `f` holds (or fails the test after `limit`).
-async fn until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn rss_kb() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
-}
-
-async fn metric(hark: &Hark, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", hark.addr)).await.unwrap().text().await.unwrap();
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}")).trim().parse().unwrap()
-}
-
-async fn start_hark(replies: usize, fps: (f32, f32)) -> (ScriptedModel, Hark) {
-    let model = ScriptedModel::start().await;
-    for _ in 0..replies {
-        model.push(Reply::text(ANSWER));
-    }
-    let mut cfg = test_config(&model.base_url());
-    cfg.webrtc.video_fps_speaking = fps.0;
-    cfg.webrtc.video_fps_idle = fps.1;
-    let hark = Hark::start(cfg).await;
-    (model, hark)
-}
+use webrtc_support::*;
 
 /// OpenAI-style page code (client secret → /calls → oai-events), not hark's page.
 /// Hark's side: the peer connects, speech_started/stopped land within 200 ms of the
@@ -230,55 +131,6 @@ fn simulate_sampler(from: f64, to: f64, speaking: (f64, f64), fps_speaking: f64,
         t += 10.0;
     }
     n
-}
-
-/// CPU time (user + system) of this process — hark runs in it — in ms.
-fn process_cpu_ms() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks * 1000 / 100
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-/// 20 calls opened and closed by the page: every session ends, nothing is left open
-/// (sessions, calls, sockets), and memory does not grow with the number of calls.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn twenty_calls_leave_nothing_behind() {
-    tools_present();
-    let dir = tempfile::tempdir().unwrap();
-    let wav = speech_48k(dir.path(), "Hello.", 0.2, 0.5);
-    let y4m = test_video(dir.path());
-    let (_model, hark) = start_hark(0, (1.0, 0.2)).await;
-    let mut total = 0;
-    let mut round = |n: usize| {
-        total += n;
-        let r = run_browser("cycles", &hark, &wav, &y4m, dir.path(), &[("CYCLES", &n.to_string())]);
-        let cycles = r["cycles"].as_array().unwrap().clone();
-        assert_eq!(cycles.len(), n);
-        assert!(cycles.iter().all(|c| c["status"] == 201 && c["created"] == true), "every call got session.created on its data channel: {r}");
-    };
-    // A first round warms up what is allocated once (thread pools, codec tables, TLS).
-    round(5);
-    until(Duration::from_secs(20), "the warm-up calls to end", || hark.state.calls.open_count() == 0).await;
-    let (rss0, fds0) = (rss_kb(), open_fds());
-    round(20);
-    until(Duration::from_secs(30), "20 calls to end", || hark.state.calls.open_count() == 0).await;
-    let (rss1, fds1) = (rss_kb(), open_fds());
-    round(20);
-    until(Duration::from_secs(30), "20 more calls to end", || hark.state.calls.open_count() == 0).await;
-    let (rss2, fds2) = (rss_kb(), open_fds());
-    assert_eq!(hark.state.calls.ended_total(), 45);
-    assert_eq!(hark.state.calls.connected_total(), 45, "every call connected");
-    assert_eq!(metric(&hark, "hark_sessions_active").await, 0.0, "no session left open");
-    let reasons: Vec<String> = hark.state.calls.ended().iter().map(|s| s.reason.clone()).collect();
-    assert!(reasons.iter().all(|r| r == "the data channel closed"), "calls end when the page closes them: {reasons:?}");
-    eprintln!("RSS {rss0} kB → {rss1} kB after 20 calls ({:+} kB) → {rss2} kB after 20 more ({:+} kB); open fds {fds0} → {fds1} → {fds2}", rss1 as i64 - rss0 as i64, rss2 as i64 - rss1 as i64);
-    assert!(fds1 <= fds0 + 2 && fds2 <= fds0 + 2, "sockets left open: {fds0} → {fds1} → {fds2}");
-    assert!(rss2 < rss1 + 20 * 1024, "RSS keeps growing with calls: {rss1} kB → {rss2} kB over 20 calls");
 }
 
 /// A browser killed mid-call (no DTLS close, no SCTP abort) is noticed by ICE: the

@@ -173,7 +173,7 @@ try {
     await page.click('#start');
     const t = Date.now();
     // The page shows the model's text as it streams, and the turn's latency.
-    await page.waitForFunction(() => document.querySelector('#answer')?.textContent.trim().length > 0
+    await page.waitForFunction(() => document.querySelector('#log')?.textContent.includes('response.done')
       && document.querySelector('#latency')?.textContent.trim().length > 0, null, { timeout: waitMs });
     result.answer = await page.textContent('#answer');
     result.latency = await page.textContent('#latency');
