@@ -46,13 +46,14 @@ struct ExpiresAfter {
 
 /// Checks a session configuration the way a `session.update` would be parsed, so a
 /// bad one is refused when the key is minted, not when the call opens.
-fn check_session(session: &Value, param: &str) -> Result<(), Response> {
+/// Returns the refusal, if any.
+fn check_session(session: &Value, param: &str) -> Option<Response> {
     if !session.is_object() {
-        return Err(error(StatusCode::BAD_REQUEST, "invalid_value", "'session' must be a JSON object.", Some(param)));
+        return Some(error(StatusCode::BAD_REQUEST, "invalid_value", "'session' must be a JSON object.", Some(param)));
     }
     parse_client_event(&json!({"type": "session.update", "session": session}).to_string())
-        .map(|_| ())
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e.code, e.message, Some(param)))
+        .err()
+        .map(|e| error(StatusCode::BAD_REQUEST, e.code, e.message, Some(param)))
 }
 
 pub async fn client_secrets(State(st): State<AppState>, body: axum::body::Bytes) -> Response {
@@ -76,7 +77,7 @@ pub async fn client_secrets(State(st): State<AppState>, body: axum::body::Bytes)
         Some(e) => e.seconds,
     };
     if let Some(s) = &req.session {
-        if let Err(r) = check_session(s, "session") {
+        if let Some(r) = check_session(s, "session") {
             return r;
         }
     }
@@ -164,7 +165,7 @@ pub async fn create_call(State(st): State<AppState>, Query(q): Query<RealtimeQue
         Err(r) => return r,
     };
     if let Some(s) = &body_session {
-        if let Err(r) = check_session(s, "session") {
+        if let Some(r) = check_session(s, "session") {
             return r;
         }
     }
