@@ -40,6 +40,11 @@ async fn openai_style_page_talks_over_webrtc() {
     assert!(r["location"].as_str().unwrap().starts_with("/v1/realtime/calls/rtc_"), "{r}");
     assert_eq!(r["how"], "response.done", "the page saw no response.done: {r}");
     assert_eq!(r["remote"], "audio", "hark's audio track reached the page: {r}");
+    // hark's track streams (silence for now) for the whole call: 50 packets a second.
+    let inbound = &r["inboundAudio"];
+    let seconds = (r["events"].as_array().unwrap().last().unwrap()["at"].as_f64().unwrap() - r["micAt"].as_f64().unwrap()) / 1000.0;
+    assert!(inbound["packets"].as_f64().unwrap() > 40.0 * seconds, "{inbound} over {seconds:.1} s");
+    assert!(inbound["samples"].as_f64().unwrap() > 0.0, "Chromium decoded hark's Opus: {inbound}");
 
     // hark's side: the peer connected, and the call ended when the page closed it.
     until(Duration::from_secs(10), "the call to end", || hark.state.calls.open_count() == 0).await;

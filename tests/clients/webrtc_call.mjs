@@ -65,7 +65,15 @@ try {
       const audio = pc.addTransceiver('audio', { direction: 'sendrecv' });
       const camera = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 } });
       pc.addTrack(camera.getVideoTracks()[0], camera);
-      const remoteTrack = new Promise((resolve) => { pc.ontrack = (e) => resolve(e.track.kind); });
+      const remoteTrack = new Promise((resolve) => {
+        pc.ontrack = (e) => {
+          // Played, as a page would: Chromium decodes a received track only for playout.
+          const player = new Audio();
+          player.srcObject = e.streams[0] || new MediaStream([e.track]);
+          player.play().catch(() => {});
+          resolve(e.track.kind);
+        };
+      });
       const dc = pc.createDataChannel('oai-events');
       let done;
       const finished = new Promise((resolve) => { done = resolve; });
@@ -108,10 +116,15 @@ try {
       if (rest > 0) await new Promise((r) => setTimeout(r, rest));
       const state = pc.connectionState;
       const remote = await Promise.race([remoteTrack, Promise.resolve('none')]);
+      // hark's audio track: RTP packets that arrived and decoded.
+      let inboundAudio = null;
+      (await pc.getStats()).forEach((r) => {
+        if (r.type === 'inbound-rtp' && r.kind === 'audio') inboundAudio = { packets: r.packetsReceived, samples: r.totalSamplesReceived, lost: r.packetsLost };
+      });
       pc.close();
       mic.getTracks().forEach((t) => t.stop());
       camera.getTracks().forEach((t) => t.stop());
-      return { status, location, how, state, remote, micAt, imageBytes, events };
+      return { status, location, how, state, remote, micAt, imageBytes, inboundAudio, events };
     }, { base, key, waitMs, holdMs }));
     // A reused key is refused.
     const again = await fetch(`${base}/v1/realtime/calls`, {
