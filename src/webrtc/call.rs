@@ -254,6 +254,12 @@ impl CallTask {
                     ev = out_rx.recv() => {
                         let Some(ev) = ev else { break "the session ended" };
                         observer.observe(&ev);
+                        // Speech output hook: when the session emits its spoken answer
+                        // (`response.output_audio.delta`, 24 kHz PCM16 base64), decode it
+                        // and queue it with `ctx.calls.audio_out(&call_id)`'s
+                        // `AudioOut::send_24k`; the track then carries it instead of
+                        // silence. (OpenAI's WebRTC flow sends that audio on the track
+                        // only, not as data channel events.)
                         // The camera samples faster while the user speaks.
                         match &ev {
                             ServerEvent::InputAudioBufferSpeechStarted { .. } => video.speaking.store(true, Ordering::Relaxed),
