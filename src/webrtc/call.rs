@@ -35,6 +35,8 @@ use crate::session::{Session, SessionInput};
 /// Events not yet sendable (the data channel is not open) are held up to this many;
 /// past it the call is not working and is ended.
 const MAX_BACKLOG: usize = 4096;
+/// Bytes queued on the data channel before sending waits for the peer.
+const DATA_CHANNEL_SEND_LIMIT: usize = 16 * 1024 * 1024;
 /// How long ICE gathering may take before the answer is sent with what it has.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -136,6 +138,10 @@ pub async fn answer(ctx: CallContext, offer: Offer) -> Result<Answered, CallErro
         .with_interceptor_registry(registry)
         .with_handler(Arc::new(Handler { tx: tx.clone() }))
         .with_udp_addrs(ctx.udp_addrs.clone())
+        // Bounded, so a peer that stops reading makes `send_text` wait, and the call
+        // is cut off after `client_read_timeout_ms` instead of queueing without end
+        // (Chromium's own cap; far above SCTP's receive window).
+        .with_data_channel_send_buffer_limit(DATA_CHANNEL_SEND_LIMIT)
         .build()
         .await
         .map_err(|e| CallError::Internal(format!("cannot open the call's sockets: {e}")))?;
