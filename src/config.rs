@@ -28,6 +28,7 @@ pub struct Config {
     pub backend: BackendConfig,
     pub audio: AudioConfig,
     pub session: SessionDefaults,
+    pub webrtc: WebRtcConfig,
     pub agents_dir: PathBuf,
     pub tools_dir: PathBuf,
     pub log: LogConfig,
@@ -256,6 +257,73 @@ impl Default for TurnDetectionConfig {
     }
 }
 
+/// Browser sessions over WebRTC (`POST /v1/realtime/calls`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebRtcConfig {
+    /// Local UDP addresses for ICE (`IP:PORT`, port 0 = any). Empty: follow
+    /// `server.host` — loopback only when hark listens on loopback, otherwise every
+    /// interface plus loopback. A wildcard (`0.0.0.0:0`) means every non-loopback
+    /// interface, so loopback is listed separately.
+    pub udp_addrs: Vec<String>,
+    /// STUN/TURN servers for peers behind NAT. None by default: hark talks to browsers
+    /// on its own host addresses and contacts no outside server.
+    pub ice_servers: Vec<IceServerConfig>,
+    /// Lifetime of an ephemeral key from `POST /v1/realtime/client_secrets`, seconds.
+    pub client_secret_ttl_s: u64,
+    /// A call whose peer has not connected this long after the answer is dropped.
+    pub connect_timeout_ms: u64,
+    /// A connected peer that has answered no ICE check this long has gone (tab killed,
+    /// network lost): its call ends. Browsers send checks every few seconds.
+    pub ice_failed_timeout_ms: u64,
+    /// Camera frames sampled into the context per second while the user speaks.
+    pub video_fps_speaking: f32,
+    /// … and while nobody speaks.
+    pub video_fps_idle: f32,
+    /// Token budget of one camera frame (one token = one 48×48 patch).
+    pub video_frame_tokens: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IceServerConfig {
+    /// `stun:host:port` or `turn:host:port?transport=udp`.
+    pub urls: Vec<String>,
+    pub username: String,
+    /// TURN password; `${ENV:NAME}` reads it from the environment.
+    pub credential: String,
+}
+
+impl Default for WebRtcConfig {
+    fn default() -> Self {
+        Self {
+            udp_addrs: Vec::new(),
+            ice_servers: Vec::new(),
+            client_secret_ttl_s: 600,
+            connect_timeout_ms: 15_000,
+            ice_failed_timeout_ms: 15_000,
+            video_fps_speaking: 1.0,
+            video_fps_idle: 0.2,
+            video_frame_tokens: 70,
+        }
+    }
+}
+
+impl WebRtcConfig {
+    /// The UDP addresses ICE binds, for a server listening on `host`.
+    pub fn udp_addrs_for(&self, host: &str) -> Vec<String> {
+        if !self.udp_addrs.is_empty() {
+            return self.udp_addrs.clone();
+        }
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if loopback {
+            vec!["127.0.0.1:0".into()]
+        } else {
+            vec!["0.0.0.0:0".into(), "127.0.0.1:0".into()]
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -270,6 +338,7 @@ impl Default for Config {
             backend: BackendConfig::default(),
             audio: AudioConfig::default(),
             session: SessionDefaults::default(),
+            webrtc: WebRtcConfig::default(),
             agents_dir: "agents".into(),
             tools_dir: "tools".into(),
             log: LogConfig::default(),
@@ -422,6 +491,29 @@ impl Config {
                 return bad(format!("session.turn_detection.threshold: {} must be within 0..1", td.threshold));
             }
         }
+        for a in &self.webrtc.udp_addrs {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                return bad(format!("webrtc.udp_addrs: '{a}' is not an address like 127.0.0.1:0 or 0.0.0.0:50000"));
+            }
+        }
+        for s in &self.webrtc.ice_servers {
+            if s.urls.is_empty() || s.urls.iter().any(|u| !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:"))) {
+                return bad(format!("webrtc.ice_servers: urls {:?} must be stun:, turn: or turns: URLs", s.urls));
+            }
+        }
+        if self.webrtc.ice_failed_timeout_ms < 1000 {
+            return bad("webrtc.ice_failed_timeout_ms: must be at least 1000".into());
+        }
+        if self.webrtc.client_secret_ttl_s == 0 || self.webrtc.client_secret_ttl_s > 7200 {
+            return bad("webrtc.client_secret_ttl_s: must be within 1..7200".into());
+        }
+        let fps_ok = |f: f32| f.is_finite() && (0.0..=30.0).contains(&f);
+        if !fps_ok(self.webrtc.video_fps_speaking) || !fps_ok(self.webrtc.video_fps_idle) {
+            return bad("webrtc.video_fps_speaking / video_fps_idle: must be within 0..30 (0 turns sampling off)".into());
+        }
+        if self.webrtc.video_frame_tokens == 0 {
+            return bad("webrtc.video_frame_tokens: must be at least 1".into());
+        }
         for m in &self.session.output_modalities {
             if m != "text" && m != "audio" {
                 return bad(format!("session.output_modalities: '{m}' must be text or audio"));
@@ -468,7 +560,7 @@ pub(crate) fn yaml_line_and_message(e: &serde_yaml_ng::Error) -> (usize, String)
 
 /// Top-level config keys; only `HARK_<KEY>…` variables naming one of them are
 /// overrides (others, such as `HARK_TEST_PYTHON`, belong to other tools).
-const TOP_LEVEL_KEYS: [&str; 7] = ["server", "backend", "audio", "session", "log", "agents_dir", "tools_dir"];
+const TOP_LEVEL_KEYS: [&str; 8] = ["server", "backend", "audio", "session", "webrtc", "log", "agents_dir", "tools_dir"];
 
 fn is_override(var: &str) -> bool {
     let Some(rest) = var.strip_prefix("HARK_") else { return false };

@@ -14,7 +14,10 @@
 //!   in-process (`model::gemma4`, `model::embedded`) and any OpenAI-compatible server
 //!   (`model::openai`); `model::hub` downloads checkpoints. Backends are driven; they
 //!   know no transport.
-//! - [`server`]: axum HTTP server — the Realtime WebSocket, `/healthz`, `/v1/models`.
+//! - [`server`]: axum HTTP server — the Realtime WebSocket, WebRTC signalling
+//!   (`/v1/realtime/calls`, `/v1/realtime/client_secrets`), `/healthz`, `/v1/models`.
+//! - [`webrtc`](mod@webrtc): browser calls — the peer connection, the `oai-events` data
+//!   channel into the same session code, Opus audio in and out, camera frames.
 //! - [`config`]: `config.yaml` and its `HARK_…` environment overrides.
 //! - [`check`]: `hark check` — the config's files, the checkpoint, tools and agents.
 //! - [`metrics`]: what `/metrics` exports, measured from the events sessions send.
@@ -25,7 +28,7 @@
 //!   [`tools::ToolRegistry`] that validates arguments and runs builtin, command, HTTP
 //!   and MCP tools with limits.
 //!
-//! Still to come (see `../shared/DESIGN.md` §2): `sources/` (microphone, WebRTC).
+//! Still to come (see `../shared/DESIGN.md` §2): `sources/` (microphone).
 
 pub mod bench;
 pub mod check;
@@ -39,3 +42,4 @@ pub mod server;
 pub mod session;
 pub mod tls;
 pub mod tools;
+pub mod webrtc;

@@ -4,6 +4,7 @@
 //! `shutdown_grace_ms` to send their final event and close.
 
 pub mod access;
+pub mod calls;
 pub mod chat;
 pub mod realtime;
 
@@ -40,6 +41,9 @@ pub struct AppState {
     pub session_slots: Arc<Semaphore>,
     pub origins: Arc<access::OriginPolicy>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Ephemeral keys for browser calls, and the calls open now.
+    pub secrets: Arc<crate::webrtc::secrets::ClientSecrets>,
+    pub calls: Arc<crate::webrtc::Calls>,
 }
 
 impl AppState {
@@ -95,6 +99,8 @@ impl AppState {
             session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),
             origins: Arc::new(access::OriginPolicy::new(&config.server.allowed_origins)),
             metrics,
+            secrets: Default::default(),
+            calls: Default::default(),
             config: Arc::new(config),
             deps: Arc::new(deps),
             shutdown: CancellationToken::new(),
@@ -149,8 +155,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", axum::routing::post(chat::completions))
         .route("/v1/realtime", get(realtime::upgrade))
+        .route("/v1/realtime/client_secrets", axum::routing::post(calls::client_secrets))
+        .route("/v1/realtime/calls/{call_id}/hangup", axum::routing::post(calls::hangup))
         .layer(axum::middleware::from_fn_with_state(state.clone(), access::check_key));
     Router::new()
+        // Checks its own key: an ephemeral key from client_secrets, or an API key.
+        .route("/v1/realtime/calls", axum::routing::post(calls::create_call))
         .route("/", get(index))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -160,8 +170,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn index() -> &'static str {
-    "hark is running. Connect a Realtime client to ws://HOST:PORT/v1/realtime\n"
+/// The built-in page: talk to hark from a browser over WebRTC (plain HTML/JS, no
+/// build step; it calls `/v1/realtime/calls` on the origin that served it).
+async fn index() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("page.html"))
 }
 
 /// The Prometheus text exposition of [`crate::metrics::Metrics`].
@@ -188,6 +200,7 @@ async fn readyz(axum::extract::State(st): axum::extract::State<AppState>) -> axu
         "tools": st.deps.tools.names().len(),
         "mcp_servers": st.deps.tools.health(),
         "sessions": st.metrics.sessions_active.get(),
+        "webrtc_calls": st.calls.open_count(),
     });
     let status = if st.shutdown.is_cancelled() { axum::http::StatusCode::SERVICE_UNAVAILABLE } else { axum::http::StatusCode::OK };
     (status, Json(body)).into_response()

@@ -123,7 +123,8 @@ impl Session {
             },
         };
         self.turn = self.settings.turn_detection.as_ref().map(|td| TurnDetector::new(td.params()));
-        self.pipeline = AudioPipeline::new(self.settings.input_format, vad).expect("supported rate");
+        let format = self.media_format.unwrap_or(self.settings.input_format);
+        self.pipeline = AudioPipeline::new(format, vad).expect("supported rate");
         self.buffer = InputBuffer { samples: Vec::new(), start: self.stream_base };
         self.speech = None;
     }
@@ -139,6 +140,15 @@ impl Session {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(audio_b64)
             .map_err(|e| ProtocolError::new("invalid_base64", format!("'audio' is not valid base64: {e}.")).param("audio"))?;
+        if self.media_format.is_some() {
+            // The session's audio comes from a media track (WebRTC): appends would
+            // interleave with it in one stream.
+            return Err(ProtocolError::new(
+                "invalid_audio",
+                "This session's audio arrives on its WebRTC track; input_audio_buffer.append is not accepted.",
+            )
+            .param("audio"));
+        }
         let out = run_heavy(bytes.len(), || self.pipeline.push_bytes(&bytes)).map_err(|e| {
             ProtocolError::new(
                 "invalid_audio",
@@ -146,6 +156,27 @@ impl Session {
             )
             .param("audio")
         })?;
+        self.take_pipeline_output(out);
+        Ok(())
+    }
+
+    /// Decoded audio from a media track (a WebRTC peer's Opus, mono at `rate` Hz): the
+    /// same resample → VAD → turn detection path as appends. The first call (or a new
+    /// rate) switches the session's input to the track; `input_audio_format` then no
+    /// longer applies.
+    pub(super) fn append_track_audio(&mut self, rate: u32, samples: &[f32]) {
+        let format = crate::media::AudioFormat::Pcm16 { rate };
+        if self.media_format != Some(format) {
+            self.media_format = Some(format);
+            self.rebuild_audio_path();
+        }
+        match self.pipeline.push_samples(samples) {
+            Ok(out) => self.take_pipeline_output(out),
+            Err(e) => self.events.push(ServerEvent::server_error("invalid_audio", format!("The audio track could not be processed: {e}"), None)),
+        }
+    }
+
+    fn take_pipeline_output(&mut self, out: crate::media::PipelineOutput) {
         self.buffer.samples.extend_from_slice(&out.samples);
         for reading in out.vad {
             let Some(turn) = self.turn.as_mut() else { break };
@@ -158,7 +189,6 @@ impl Session {
         self.stream_turn_audio();
         self.check_idle_timeout();
         self.trim_buffer();
-        Ok(())
     }
 
     pub(super) fn stream_position(&self) -> u64 {

@@ -7,12 +7,14 @@
 //! the loop flushes them, so no lock is ever held across an await.
 //!
 //! - `input.rs`: the input audio buffer, turn detection events, commits, streaming prefill;
-//! - `items.rs`: items the client creates, and truncation;
+//! - `items.rs`: items the client creates, and truncation; `camera.rs`: sampled
+//!   camera frames from a media track;
 //! - `response.rs`: one response's event sequence; `dispatch.rs`: tools and agents;
 //!   `calls.rs`: the exactly-once ledger of tool calls;
 //! - `conversation.rs`, `settings.rs`, `turn.rs`: the state they share.
 
 pub mod calls;
+mod camera;
 pub mod conversation;
 mod dispatch;
 mod input;
@@ -45,6 +47,12 @@ pub enum SessionInput {
     Client(ClientEnvelope),
     /// A message that could not be parsed; answered with an `error` event.
     Invalid(ProtocolError),
+    /// Decoded audio from a media track (WebRTC): mono samples at `rate` Hz. It takes
+    /// the same resample/VAD/turn path as `input_audio_buffer.append`.
+    TrackAudio { rate: u32, samples: Vec<f32> },
+    /// A sampled camera frame (WebRTC video), as a `data:image/jpeg;base64,…` URL sized
+    /// to the frame budget, `at_ms` after the call began.
+    CameraFrame { data_url: String, at_ms: u64 },
 }
 
 /// Makes one voice detector per session.
@@ -94,6 +102,9 @@ pub struct Session {
     deps: Arc<SessionDeps>,
     settings: SessionSettings,
     pipeline: AudioPipeline,
+    /// Set once audio arrives from a media track: the pipeline then runs at the track's
+    /// rate, whatever `input_audio_format` says.
+    media_format: Option<crate::media::AudioFormat>,
     /// 16 kHz samples of earlier pipelines (a format change starts a new one).
     stream_base: u64,
     turn: Option<TurnDetector>,
@@ -139,6 +150,7 @@ impl Session {
             pipeline: AudioPipeline::new(settings.input_format, None).expect("16/24/8 kHz are supported rates"),
             deps: deps.clone(),
             settings,
+            media_format: None,
             stream_base: 0,
             turn: None,
             buffer: InputBuffer::default(),
@@ -203,6 +215,8 @@ impl Session {
                 msg = input.recv() => match msg {
                     Some(SessionInput::Client(env)) => self.handle(env),
                     Some(SessionInput::Invalid(err)) => self.events.push(ServerEvent::from_protocol_error(err)),
+                    Some(SessionInput::TrackAudio { rate, samples }) => self.append_track_audio(rate, &samples),
+                    Some(SessionInput::CameraFrame { data_url, at_ms }) => self.add_camera_frame(data_url, at_ms),
                     None => break,
                 },
             }

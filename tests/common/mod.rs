@@ -205,6 +205,8 @@ pub fn engine_settings(dir: &std::path::Path, max_tokens: u32, cached_sessions: 
 
 pub struct Hark {
     pub addr: SocketAddr,
+    /// The running server's state (its calls, metrics), for assertions from hark's side.
+    pub state: hark::server::AppState,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -258,8 +260,9 @@ impl Hark {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = state.shutdown.clone();
+        let kept = state.clone();
         let task = tokio::spawn(hark::server::serve(listener, state));
-        Hark { addr, shutdown, task }
+        Hark { addr, state: kept, shutdown, task }
     }
 
     pub fn ws_url(&self) -> String {

@@ -1,0 +1,187 @@
+//! A real browser calling hark over WebRTC: Debian's headless Chromium, driven by
+//! playwright-core (`tests/clients/webrtc_call.mjs`), with fake devices fed from an
+//! espeak-ng WAV and an ffmpeg test-pattern Y4M. Everything is real: ICE over
+//! loopback, DTLS, SCTP, Opus from Chromium's encoder decoded by libopus, VP8 decoded
+//! by libvpx, Silero VAD, the session code the WebSocket uses. The model is the
+//! scripted OpenAI-compatible server behind hark's remote backend.
+//!
+//! Needs `chromium`, `ffmpeg`, `espeak-ng`, `sox` and `tests/clients/node_modules`
+//! (scripts/test installs them all).
+
+mod common;
+mod webrtc_support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use webrtc_support::*;
+
+/// OpenAI-style page code (client secret → /calls → oai-events), not hark's page.
+/// Hark's side: the peer connects, speech_started/stopped land within 200 ms of the
+/// speech in the WAV, camera frames enter the context at the configured rates, and
+/// the page gets the response's events. A spent key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn openai_style_page_talks_over_webrtc() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let wav = speech_48k(dir.path(), "Hello hark. What can you see on my camera today?", 1.0, 3.0);
+    let (truth_start, truth_end) = speech_bounds_ms(&wav);
+    let y4m = test_video(dir.path());
+    let (fps_speaking, fps_idle) = (2.0, 0.5);
+    let (model, hark) = start_hark(4, (fps_speaking, fps_idle)).await;
+    let cpu0 = process_cpu_ms();
+    let t0 = Instant::now();
+    let r = run_browser("openai", &hark, &wav, &y4m, dir.path(), &[("HOLD_MS", "9000")]);
+    let wall = t0.elapsed();
+    let cpu = process_cpu_ms() - cpu0;
+    assert_eq!(r["status"], 201, "{r}");
+    assert!(r["location"].as_str().unwrap().starts_with("/v1/realtime/calls/rtc_"), "{r}");
+    assert_eq!(r["how"], "response.done", "the page saw no response.done: {r}");
+    assert_eq!(r["remote"], "audio", "hark's audio track reached the page: {r}");
+    // hark's track streams (silence for now) for the whole call: 50 packets a second.
+    let inbound = &r["inboundAudio"];
+    let seconds = (r["events"].as_array().unwrap().last().unwrap()["at"].as_f64().unwrap() - r["micAt"].as_f64().unwrap()) / 1000.0;
+    assert!(inbound["packets"].as_f64().unwrap() > 40.0 * seconds, "{inbound} over {seconds:.1} s");
+    assert!(inbound["samples"].as_f64().unwrap() > 0.0, "Chromium decoded hark's Opus: {inbound}");
+
+    // hark's side: the peer connected, and the call ended when the page closed it.
+    until(Duration::from_secs(10), "the call to end", || hark.state.calls.open_count() == 0).await;
+    assert_eq!(hark.state.calls.connected_total(), 1);
+    let stats = hark.state.calls.ended().pop().unwrap();
+    assert!(stats.connected, "{stats:?}");
+
+    let events = r["events"].as_array().unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    for want in ["session.created", "session.updated", "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed", "response.created", "response.output_text.delta", "response.done"] {
+        assert!(types.contains(&want), "no {want} on the data channel: {types:?}");
+    }
+    assert!(events.iter().all(|e| e["event_id"].as_str().is_some_and(|id| !id.is_empty())), "every event has an event_id");
+    let text: String = events.iter().filter(|e| e["type"] == "response.output_text.delta").map(|e| e["delta"].as_str().unwrap()).collect();
+    assert_eq!(text, ANSWER);
+
+    // Speech timing: hark's stream starts with the WAV (the mic track is attached once
+    // the call is up, and Chromium's fake device starts the file then).
+    let first = |ty: &str, field: &str| events.iter().find(|e| e["type"] == ty).unwrap()[field].as_u64().unwrap() as i64;
+    let start_err = first("input_audio_buffer.speech_started", "audio_start_ms") - truth_start as i64;
+    let end_err = first("input_audio_buffer.speech_stopped", "audio_end_ms") - truth_end as i64;
+    eprintln!("speech in the WAV {truth_start}..{truth_end} ms; speech_started error {start_err} ms, speech_stopped error {end_err} ms");
+    assert!(start_err.abs() <= 200, "speech_started {start_err} ms off");
+    assert!(end_err.abs() <= 200, "speech_stopped {end_err} ms off");
+    let speech_turns = types.iter().filter(|t| **t == "input_audio_buffer.speech_started").count();
+    assert_eq!(speech_turns, 1, "one utterance, one turn: {types:?}");
+
+    // Camera frames: each sampled frame is an image item; their count follows the
+    // rates over the call's own timeline (page clock, event arrival times).
+    let at = |e: &Value| e["at"].as_f64().unwrap();
+    // A camera frame is [input_text "mm:ss", input_image]; the page's own image is not.
+    let is_frame = |e: &Value| {
+        e["type"] == "conversation.item.added"
+            && e["item"]["content"].as_array().is_some_and(|c| c.len() == 2 && c[0]["type"] == "input_text" && c[1]["type"] == "input_image")
+    };
+    let frames: Vec<f64> = events.iter().filter(|e| is_frame(e)).map(at).collect();
+    // The page's own image, far over SCTP's default 64 KiB message, arrived whole.
+    assert!(r["imageBytes"].as_u64().unwrap() > 64 * 1024, "{}", r["imageBytes"]);
+    let client_images = events
+        .iter()
+        .filter(|e| e["type"] == "conversation.item.added" && e["item"]["content"].as_array().is_some_and(|c| c.len() == 1 && c[0]["type"] == "input_image"))
+        .count();
+    assert_eq!(client_images, 1, "the page's {} byte image became an item", r["imageBytes"]);
+    assert!(!types.contains(&"error"), "no errors: {:?}", events.iter().filter(|e| e["type"] == "error").collect::<Vec<_>>());
+    let speaking = (
+        at(events.iter().find(|e| e["type"] == "input_audio_buffer.speech_started").unwrap()),
+        at(events.iter().find(|e| e["type"] == "input_audio_buffer.speech_stopped").unwrap()),
+    );
+    let end = events.iter().map(at).fold(0.0, f64::max);
+    let expected = simulate_sampler(frames[0], end, speaking, fps_speaking as f64, fps_idle as f64);
+    eprintln!("camera frames sampled: {} over {:.1} s (expected {expected}); keyframe requests {}", frames.len(), (end - frames[0]) / 1000.0, stats.keyframe_requests);
+    // The page closes the call at once; a frame sampled in that instant never reaches it.
+    assert!((frames.len()..=frames.len() + 1).contains(&(stats.frames_sampled as usize)), "hark sampled {}, the page saw {}", stats.frames_sampled, frames.len());
+    assert!(frames.len().abs_diff(expected) <= 1, "{} frames sampled, {expected} expected from the rates; at {frames:?}, speaking {speaking:?}", frames.len());
+    // Samples sit on a grid of due times; a keyframe that came late shortens the next
+    // gap, never below half the fastest interval (the lead is capped at 300 ms).
+    for pair in frames.windows(2) {
+        assert!(pair[1] - pair[0] >= 500.0 / fps_speaking as f64, "frames closer than the sampling grid allows: {frames:?}");
+    }
+    // The frames reached the model: the response's request carries them as images,
+    // each after its `mm:ss` stamp, and the user's audio turn.
+    let request = &model.requests()[0];
+    let parts: Vec<&Value> = request["messages"].as_array().unwrap().iter().filter_map(|m| m["content"].as_array()).flatten().collect();
+    let images = parts.iter().filter(|p| p["type"] == "image_url").count();
+    let stamps = parts.iter().filter(|p| p["type"] == "text" && p["text"].as_str().is_some_and(|t| t.len() == 5 && t.as_bytes()[2] == b':')).count();
+    let audio = parts.iter().filter(|p| p["type"] == "input_audio").count();
+    assert!(images >= 3 && images == stamps + 1, "{images} images (the page's and the frames), {stamps} stamps in the model's request");
+    assert!(stamps <= frames.len(), "never more frames than sampled");
+    assert_eq!(audio, 1, "the user's turn as audio");
+    assert!(parts.iter().any(|p| p["type"] == "image_url" && p["image_url"]["url"].as_str().unwrap().starts_with("data:image/jpeg;base64,")));
+    eprintln!("CPU for the call: {cpu} ms over {:.1} s wall ({:.1}% of one core, hark and its test process)", wall.as_secs_f64(), cpu as f64 / wall.as_millis() as f64 * 100.0);
+
+    // The key was spent.
+    assert_eq!(r["reuse"]["status"], 401, "{r}");
+    assert_eq!(r["reuse"]["body"]["error"]["code"], "invalid_api_key");
+    assert!(r["reuse"]["body"]["error"]["message"].as_str().unwrap().contains("already been used"), "{r}");
+    assert_eq!(metric(&hark, "hark_sessions_active").await, 0.0);
+}
+
+/// Frames a sampler at these rates takes from `from` to `to` (ms), speaking in `speaking`.
+fn simulate_sampler(from: f64, to: f64, speaking: (f64, f64), fps_speaking: f64, fps_idle: f64) -> usize {
+    let (mut t, mut last, mut n) = (from, f64::NEG_INFINITY, 0);
+    while t <= to {
+        let fps = if (speaking.0..speaking.1).contains(&t) { fps_speaking } else { fps_idle };
+        if t - last >= 1000.0 / fps {
+            n += 1;
+            last = t;
+        }
+        t += 10.0;
+    }
+    n
+}
+
+/// A browser killed mid-call (no DTLS close, no SCTP abort) is noticed by ICE: the
+/// call and its session end within `webrtc.ice_failed_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vanished_peer_ends_its_call() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let wav = speech_48k(dir.path(), "Hello.", 0.2, 0.5);
+    let y4m = test_video(dir.path());
+    let model = ScriptedModel::start().await;
+    let mut cfg = test_config(&model.base_url());
+    cfg.webrtc.ice_failed_timeout_ms = 3000;
+    let hark = Hark::start(cfg).await;
+    let r = run_browser("vanish", &hark, &wav, &y4m, dir.path(), &[]);
+    assert_eq!(r["created"], true, "{r}");
+    let killed = Instant::now();
+    assert_eq!(hark.state.calls.open_count(), 1, "the call outlives the browser until ICE gives up");
+    until(Duration::from_secs(15), "the vanished peer's call to end", || hark.state.calls.open_count() == 0).await;
+    let took = killed.elapsed();
+    let stats = hark.state.calls.ended().pop().unwrap();
+    eprintln!("vanished peer noticed after {took:?}: {}", stats.reason);
+    assert!(stats.connected);
+    assert!(stats.reason.contains("failed") || stats.reason.contains("closed"), "{stats:?}");
+    assert!(took < Duration::from_secs(8), "ICE took {took:?} to give up (configured 3 s)");
+    assert_eq!(metric(&hark, "hark_sessions_active").await, 0.0);
+}
+
+/// hark's own page at `/`, driven like a person would: Start, speak (the fake mic),
+/// read the streamed answer and the turn's latency. Saves a screenshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn built_in_page_shows_the_answer() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let wav = speech_48k(dir.path(), "Hello hark, can you hear me?", 1.0, 3.0);
+    let y4m = test_video(dir.path());
+    let (_model, hark) = start_hark(4, (1.0, 0.2)).await;
+    let artifacts = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("webrtc");
+    let r = run_browser("page", &hark, &wav, &y4m, &artifacts, &[]);
+    assert_eq!(r["answer"].as_str().unwrap().trim(), ANSWER, "{r}");
+    assert!(r["latency"].as_str().unwrap().ends_with(" ms"), "{r}");
+    assert!(r["log"].as_str().unwrap().contains("input_audio_buffer.speech_stopped"), "{r}");
+    assert!(r["frames"].as_u64().unwrap() > 0, "the camera preview shows video: {r}");
+    let shot = PathBuf::from(r["screenshot"].as_str().unwrap());
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "screenshot at {}", shot.display());
+    eprintln!("screenshot: {}", shot.display());
+    until(Duration::from_secs(10), "the call to end", || hark.state.calls.open_count() == 0).await;
+    assert!(hark.state.calls.ended().pop().unwrap().frames_sampled >= 1, "camera frames entered the context");
+}
