@@ -99,23 +99,14 @@ impl CustomOp3 for ResidualRms {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let cols = l3.shape().elem_count();
+        let (eps, scale) = (self.eps, self.scale);
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32(residual_rms_cpu(
-                contiguous(a, l1)?,
-                contiguous(b, l2)?,
-                contiguous(c, l3)?,
-                cols,
-                self.eps,
-                self.scale,
-            )),
-            (CpuStorage::BF16(a), CpuStorage::BF16(b), CpuStorage::BF16(c)) => CpuStorage::BF16(residual_rms_cpu(
-                contiguous(a, l1)?,
-                contiguous(b, l2)?,
-                contiguous(c, l3)?,
-                cols,
-                self.eps,
-                self.scale,
-            )),
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
+                CpuStorage::F32(residual_rms_cpu(contiguous(a, l1)?, contiguous(b, l2)?, contiguous(c, l3)?, cols, eps, scale))
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b), CpuStorage::BF16(c)) => {
+                CpuStorage::BF16(residual_rms_cpu(contiguous(a, l1)?, contiguous(b, l2)?, contiguous(c, l3)?, cols, eps, scale))
+            }
             _ => candle_core::bail!("residual_rms: f32 or bf16 inputs of one dtype"),
         };
         Ok((out, l1.shape().clone()))
