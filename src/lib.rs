@@ -9,6 +9,9 @@
 //!   (ONNX Runtime), 640-sample model frames. Frames in, frames out.
 //! - [`session`]: one client's realtime session — input buffer, turn detection,
 //!   conversation, the response in flight, barge-in. Transport-agnostic.
+//! - [`speech`]: speech out — streamed text cut into clauses and sentences, voiced by
+//!   Piper through ONNX Runtime (phonemes from the `espeak-ng` program), a command or
+//!   an OpenAI-compatible `/v1/audio/speech` server, as 24 kHz PCM chunks.
 //! - [`context`]: the rolling context window — turns, token counts, eviction policy.
 //! - [`model`]: the [`model::Backend`] trait and its implementations: Gemma 4
 //!   in-process (`model::gemma4`, `model::embedded`) and any OpenAI-compatible server
@@ -37,5 +40,6 @@ pub mod model;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod speech;
 pub mod tls;
 pub mod tools;

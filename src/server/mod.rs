@@ -74,6 +74,18 @@ impl AppState {
             }
         };
         let backend = build_backend(&config)?;
+        let speech = match crate::speech::from_config(&config) {
+            Ok(s) => s,
+            // A voice that is not fetched yet leaves hark useful for text; say how to get it.
+            Err(crate::speech::SpeechError::Missing(m)) => {
+                tracing::warn!("speech out is off: {m}");
+                None
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("loading the speech engine (speech in config.yaml; speech.engine: none turns it off)")),
+        };
+        if let Some(s) = &speech {
+            tracing::info!("speech out: {}", s.name());
+        }
         let deps = SessionDeps {
             defaults: SessionSettings::from_config(&config),
             backend,
@@ -88,6 +100,7 @@ impl AppState {
             tools: Arc::new(tools),
             agents: Arc::new(agents),
             client_tool_timeout: Duration::from_millis(config.session.client_tool_timeout_ms),
+            speech,
         };
         Ok(Self {
             session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),

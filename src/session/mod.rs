@@ -81,6 +81,8 @@ pub struct SessionDeps {
     pub agents: Arc<crate::tools::AgentSet>,
     /// How long a client gets to answer a call of a tool it declared.
     pub client_tool_timeout: std::time::Duration,
+    /// Speech out for responses that ask for audio; `None`: speech is off.
+    pub speech: Option<Arc<crate::speech::SpeechEngine>>,
 }
 
 /// Shortest audio a manual commit accepts (the protocol's rule).
@@ -197,6 +199,7 @@ impl Session {
                     break;
                 }
                 ev = next_backend_event(&mut self.backend_rx) => self.on_backend_event(ev),
+                ev = next_speech_event(&mut self.response) => self.on_speech_event(ev),
                 p = next_end_of_turn(&mut self.streaming) => self.on_end_of_turn(p),
                 Some((call_id, output)) = self.tool_results_rx.recv() => self.on_tool_result(call_id, output),
                 _ = sleep_until(self.calls.next_deadline()) => self.expire_client_calls(),
@@ -242,6 +245,13 @@ impl Session {
             _ => self.answer_unrun(calls, Unanswered::ResponseCancelled),
         }
         self.settle_response();
+    }
+
+    fn on_speech_event(&mut self, ev: Option<crate::speech::SpeechEvent>) {
+        let Some(run) = self.response.as_mut() else { return };
+        if run.on_speech_event(ev, &mut self.conversation, &mut self.events) {
+            self.settle_response();
+        }
     }
 
     fn handle(&mut self, env: ClientEnvelope) {
@@ -292,7 +302,8 @@ impl Session {
                     Ok(())
                 }
             },
-            // hark sends no output audio, so there is never anything to clear.
+            // Over WebSocket the client holds the played audio; hark keeps no output
+            // buffer to clear (the client truncates the item with what it played).
             ClientEvent::OutputAudioBufferClear {} => Ok(()),
         };
         if let Err(e) = result {
@@ -396,7 +407,19 @@ impl Session {
             .or(params.modalities.clone())
             .unwrap_or_else(|| self.settings.output_modalities.clone());
         let routing = self.tool_routing(&params);
-        let run = ResponseRun::start(
+        let speech = if modalities.iter().any(|m| m == "audio") {
+            if self.deps.speech.is_none() {
+                self.events.push(ServerEvent::server_error(
+                    "speech_unavailable",
+                    "This response asked for audio, but hark has no speech engine (speech.engine in config.yaml); it answers in text.",
+                    None,
+                ));
+            }
+            self.deps.speech.clone()
+        } else {
+            None
+        };
+        let mut run = ResponseRun::start(
             in_conversation,
             modalities,
             max_tokens,
@@ -405,6 +428,9 @@ impl Session {
             self.conversation_id.clone(),
             &mut self.events,
         );
+        if let Some(engine) = speech {
+            run.speak(crate::speech::SpeechStream::start(engine, run.cancel.child_token()));
+        }
         self.backend_rx = Some(self.deps.backend.generate(request, run.cancel.clone()));
         self.response = Some(run);
         Ok(())
@@ -503,6 +529,13 @@ impl Session {
 async fn sleep_until(deadline: Option<std::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_speech_event(run: &mut Option<ResponseRun>) -> Option<crate::speech::SpeechEvent> {
+    match run.as_mut().and_then(ResponseRun::speech_mut) {
+        Some(s) => s.next().await,
         None => std::future::pending().await,
     }
 }
