@@ -155,6 +155,32 @@ pub struct AudioConfig {
     pub silero_model: PathBuf,
     /// Cap on audio held in one session's input buffer.
     pub max_buffer_seconds: u32,
+    /// `none` (clients bring audio) or `mic`: `hark serve` also runs one always-on local
+    /// session on the microphone, which clients can attach to (`/v1/realtime?session=local`).
+    pub input: AudioInputKind,
+    pub mic: MicConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudioInputKind {
+    None,
+    Mic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MicConfig {
+    /// An input device's name as `hark devices` lists it; unset: the default input.
+    pub device: Option<String>,
+    /// Frames per capture callback: a power of two (small: low latency).
+    pub buffer_frames: u32,
+}
+
+impl Default for MicConfig {
+    fn default() -> Self {
+        Self { device: None, buffer_frames: 256 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -450,6 +476,8 @@ impl Default for AudioConfig {
             onnxruntime_library: "vendor/libonnxruntime.so".into(),
             silero_model: "vendor/silero_vad.onnx".into(),
             max_buffer_seconds: 900,
+            input: AudioInputKind::None,
+            mic: MicConfig::default(),
         }
     }
 }
@@ -542,6 +570,10 @@ impl Config {
             if !(0.0..=1.0).contains(&td.threshold) {
                 return bad(format!("session.turn_detection.threshold: {} must be within 0..1", td.threshold));
             }
+        }
+        let frames = self.audio.mic.buffer_frames;
+        if !frames.is_power_of_two() || !(64..=8192).contains(&frames) {
+            return bad(format!("audio.mic.buffer_frames: {frames} must be a power of two from 64 to 8192"));
         }
         if !(self.speech.piper.length_scale > 0.0 && self.speech.piper.length_scale <= 4.0) {
             return bad(format!("speech.piper.length_scale: {} must be within (0, 4]", self.speech.piper.length_scale));

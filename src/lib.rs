@@ -17,7 +17,8 @@
 //!   in-process (`model::gemma4`, `model::embedded`) and any OpenAI-compatible server
 //!   (`model::openai`); `model::hub` downloads checkpoints. Backends are driven; they
 //!   know no transport.
-//! - [`server`]: axum HTTP server — the Realtime WebSocket, `/healthz`, `/v1/models`.
+//! - [`server`]: axum HTTP server — the Realtime WebSocket, `/healthz`, `/v1/models`, and
+//!   the always-on local session clients can attach to (`server::local`).
 //! - [`config`]: `config.yaml` and its `HARK_…` environment overrides.
 //! - [`check`]: `hark check` — the config's files, the checkpoint, tools and agents.
 //! - [`metrics`]: what `/metrics` exports, measured from the events sessions send.
@@ -28,7 +29,9 @@
 //!   [`tools::ToolRegistry`] that validates arguments and runs builtin, command, HTTP
 //!   and MCP tools with limits.
 //!
-//! Still to come (see `../shared/DESIGN.md` §2): `sources/` (microphone, WebRTC).
+//! - [`sources`]: audio from beyond a client's socket — the local microphone (cpal
+//!   capture into a lock-free ring, resampled to 16 kHz, reopened when the device
+//!   returns). WebRTC is still to come (see `../shared/DESIGN.md` §2).
 
 pub mod bench;
 pub mod check;
@@ -40,6 +43,7 @@ pub mod model;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod sources;
 pub mod speech;
 pub mod tls;
 pub mod tools;

@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod chat;
+pub mod local;
 pub mod realtime;
 
 use std::net::SocketAddr;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub session_slots: Arc<Semaphore>,
     pub origins: Arc<access::OriginPolicy>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The always-on microphone session (`audio.input: mic`).
+    pub local: Option<Arc<local::LocalSession>>,
 }
 
 impl AppState {
@@ -102,13 +105,21 @@ impl AppState {
             client_tool_timeout: Duration::from_millis(config.session.client_tool_timeout_ms),
             speech,
         };
+        let deps = Arc::new(deps);
+        let shutdown = CancellationToken::new();
+        let local = (config.audio.input == crate::config::AudioInputKind::Mic).then(|| {
+            let mic = crate::sources::mic::MicSettings { device: config.audio.mic.device.clone(), buffer_frames: config.audio.mic.buffer_frames };
+            tracing::info!("local session on the microphone ({})", mic.device.as_deref().unwrap_or("default input"));
+            local::LocalSession::start(deps.clone(), mic, shutdown.clone())
+        });
         Ok(Self {
+            local,
             session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),
             origins: Arc::new(access::OriginPolicy::new(&config.server.allowed_origins)),
             metrics: Arc::new(crate::metrics::Metrics::default()),
             config: Arc::new(config),
-            deps: Arc::new(deps),
-            shutdown: CancellationToken::new(),
+            deps,
+            shutdown,
             sessions: TaskTracker::new(),
         })
     }

@@ -146,6 +146,20 @@ impl Session {
             )
             .param("audio")
         })?;
+        self.take_audio(out);
+        Ok(())
+    }
+
+    /// Samples from a local source (the microphone), at the session's input rate.
+    pub(super) fn append_samples(&mut self, samples: &[f32]) -> Result<(), ProtocolError> {
+        let out = run_heavy(samples.len() * 2, || self.pipeline.push_samples(samples))
+            .map_err(|e| ProtocolError::server("audio_pipeline", format!("local audio: {e}")))?;
+        self.take_audio(out);
+        Ok(())
+    }
+
+    /// New 16 kHz audio and its VAD readings: buffer, turn events, streaming prefill.
+    fn take_audio(&mut self, out: crate::media::PipelineOutput) {
         self.buffer.samples.extend_from_slice(&out.samples);
         for reading in out.vad {
             let Some(turn) = self.turn.as_mut() else { break };
@@ -158,7 +172,6 @@ impl Session {
         self.stream_turn_audio();
         self.check_idle_timeout();
         self.trim_buffer();
-        Ok(())
     }
 
     pub(super) fn stream_position(&self) -> u64 {

@@ -45,6 +45,10 @@ pub enum SessionInput {
     Client(ClientEnvelope),
     /// A message that could not be parsed; answered with an `error` event.
     Invalid(ProtocolError),
+    /// Audio from a local source (the microphone), mono at the session's input rate.
+    LocalAudio(Vec<f32>),
+    /// A client attaches to this running session: it gets the session as it is now.
+    Describe(tokio::sync::oneshot::Sender<crate::protocol::SessionInfo>),
 }
 
 /// Makes one voice detector per session.
@@ -180,6 +184,13 @@ impl Session {
         s
     }
 
+    /// Sets the input format (the local session takes 16 kHz samples from the microphone).
+    pub fn with_input_format(mut self, format: crate::media::AudioFormat) -> Self {
+        self.settings.input_format = format;
+        self.rebuild_audio_path();
+        self
+    }
+
     /// Runs until the client goes away or `shutdown` fires. Returns the conversation
     /// as it ended (every tool call answered), for whoever wants to look.
     pub async fn run(mut self, mut input: mpsc::Receiver<SessionInput>, out: mpsc::Sender<ServerEvent>, shutdown: CancellationToken) -> Conversation {
@@ -206,6 +217,14 @@ impl Session {
                 msg = input.recv() => match msg {
                     Some(SessionInput::Client(env)) => self.handle(env),
                     Some(SessionInput::Invalid(err)) => self.events.push(ServerEvent::from_protocol_error(err)),
+                    Some(SessionInput::LocalAudio(samples)) => {
+                        if let Err(e) = self.append_samples(&samples) {
+                            self.events.push(ServerEvent::from_protocol_error(e));
+                        }
+                    }
+                    Some(SessionInput::Describe(reply)) => {
+                        let _ = reply.send(self.settings.info());
+                    }
                     None => break,
                 },
             }

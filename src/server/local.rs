@@ -1,0 +1,100 @@
+//! The always-on local session (`audio.input: mic`): the microphone feeds one session
+//! that runs for the daemon's life with the configured agent.
+//!
+//! It is an ordinary [`Session`]; only its transport differs. Its events go to a
+//! broadcast channel that any number of Realtime clients can attach to
+//! (`/v1/realtime?session=local`) to watch the assistant and drive it (send text,
+//! cancel, update the session); clients come and go, the session stays. Microphone
+//! events (opened, lost, reopening) reach attached clients as `error` events with codes
+//! `input_device_lost` / `input_device_unavailable`, and the log.
+
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::media::AudioFormat;
+use crate::protocol::{ServerEvent, SessionInfo};
+use crate::session::{Session, SessionDeps, SessionInput};
+use crate::sources::mic::{MicEvent, MicOutput, MicSettings, Microphone};
+
+/// Events buffered for attached clients; one that falls further behind misses events
+/// (and is told so), it never slows the session.
+const BROADCAST_CAPACITY: usize = 4096;
+
+pub struct LocalSession {
+    input: mpsc::Sender<SessionInput>,
+    events: broadcast::Sender<ServerEvent>,
+}
+
+impl LocalSession {
+    /// Starts the microphone and the session; both stop when `shutdown` fires.
+    pub fn start(deps: Arc<SessionDeps>, mic: MicSettings, shutdown: CancellationToken) -> Arc<Self> {
+        let (in_tx, in_rx) = mpsc::channel(256);
+        let (out_tx, mut out_rx) = mpsc::channel::<ServerEvent>(1024);
+        let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let session = Session::new(deps, None).with_input_format(AudioFormat::Pcm16 { rate: crate::media::MODEL_SAMPLE_RATE });
+        tokio::spawn(session.run(in_rx, out_tx, shutdown.clone()));
+
+        let bcast = events.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = out_rx.recv().await {
+                // No one attached is fine: the assistant runs on its own.
+                let _ = bcast.send(ev);
+            }
+        });
+
+        let (microphone, mut mic_rx) = Microphone::start(mic);
+        let (audio_tx, bcast) = (in_tx.clone(), events.clone());
+        tokio::spawn(async move {
+            loop {
+                let out = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    out = mic_rx.recv() => out,
+                };
+                match out {
+                    None => break,
+                    Some(MicOutput::Audio(samples)) => {
+                        if audio_tx.send(SessionInput::LocalAudio(samples)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(MicOutput::Event(ev)) => {
+                        if let Some(err) = mic_event(&ev) {
+                            let _ = bcast.send(err);
+                        }
+                    }
+                }
+            }
+            drop(microphone);
+        });
+        Arc::new(Self { input: in_tx, events })
+    }
+
+    /// Subscribes to the session's events and returns the session as it is now.
+    pub async fn attach(&self) -> Option<(SessionInfo, broadcast::Receiver<ServerEvent>)> {
+        let rx = self.events.subscribe();
+        let (tx, info) = oneshot::channel();
+        self.input.send(SessionInput::Describe(tx)).await.ok()?;
+        Some((info.await.ok()?, rx))
+    }
+
+    /// Where attached clients send their events.
+    pub fn input(&self) -> mpsc::Sender<SessionInput> {
+        self.input.clone()
+    }
+}
+
+fn mic_event(ev: &MicEvent) -> Option<ServerEvent> {
+    match ev {
+        MicEvent::Opened { .. } => None,
+        MicEvent::Lost { device, reason } => {
+            Some(ServerEvent::server_error("input_device_lost", format!("The microphone '{device}' stopped ({reason}); reopening it."), None))
+        }
+        MicEvent::OpenFailed { reason, retry_in } => Some(ServerEvent::server_error(
+            "input_device_unavailable",
+            format!("Cannot open the microphone: {reason}; retrying in {} ms.", retry_in.as_millis()),
+            None,
+        )),
+    }
+}
