@@ -201,6 +201,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(not(feature = "audio-devices"))]
+        Command::Devices => anyhow::bail!("this hark was built without the `audio-devices` feature"),
+        #[cfg(feature = "audio-devices")]
         Command::Devices => {
             let (inputs, outputs) = hark::sources::mic::list_devices().map_err(|e| anyhow::anyhow!("cannot list audio devices: {e}"))?;
             for (title, list) in [("inputs", inputs), ("outputs", outputs)] {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::media::AudioFormat;
 use crate::protocol::{ServerEvent, SessionInfo};
 use crate::session::{Session, SessionDeps, SessionInput};
-use crate::sources::mic::{MicEvent, MicOutput, MicSettings, Microphone};
+use crate::sources::{MicEvent, MicOutput};
 
 /// Events buffered for attached clients; one that falls further behind misses events
 /// (and is told so), it never slows the session.
@@ -28,8 +28,14 @@ pub struct LocalSession {
 }
 
 impl LocalSession {
-    /// Starts the microphone and the session; both stop when `shutdown` fires.
-    pub fn start(deps: Arc<SessionDeps>, mic: MicSettings, shutdown: CancellationToken) -> Arc<Self> {
+    /// Starts the session on `source` (the microphone's output); it stops when `shutdown`
+    /// fires. `keep` is held until then (the capture handle: dropping it stops capture).
+    pub fn start(
+        deps: Arc<SessionDeps>,
+        mut mic_rx: mpsc::Receiver<MicOutput>,
+        keep: Box<dyn Send + 'static>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let (in_tx, in_rx) = mpsc::channel(256);
         let (out_tx, mut out_rx) = mpsc::channel::<ServerEvent>(1024);
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
@@ -44,7 +50,6 @@ impl LocalSession {
             }
         });
 
-        let (microphone, mut mic_rx) = Microphone::start(mic);
         let (audio_tx, bcast) = (in_tx.clone(), events.clone());
         tokio::spawn(async move {
             loop {
@@ -66,7 +71,7 @@ impl LocalSession {
                     }
                 }
             }
-            drop(microphone);
+            drop(keep);
         });
         Arc::new(Self { input: in_tx, events })
     }

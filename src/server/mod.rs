@@ -107,11 +107,10 @@ impl AppState {
         };
         let deps = Arc::new(deps);
         let shutdown = CancellationToken::new();
-        let local = (config.audio.input == crate::config::AudioInputKind::Mic).then(|| {
-            let mic = crate::sources::mic::MicSettings { device: config.audio.mic.device.clone(), buffer_frames: config.audio.mic.buffer_frames };
-            tracing::info!("local session on the microphone ({})", mic.device.as_deref().unwrap_or("default input"));
-            local::LocalSession::start(deps.clone(), mic, shutdown.clone())
-        });
+        let local = match config.audio.input {
+            crate::config::AudioInputKind::None => None,
+            crate::config::AudioInputKind::Mic => Some(start_local_session(&config, deps.clone(), shutdown.clone())?),
+        };
         Ok(Self {
             local,
             session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),
@@ -123,6 +122,20 @@ impl AppState {
             sessions: TaskTracker::new(),
         })
     }
+}
+
+/// The always-on microphone session (`audio.input: mic`).
+#[cfg(feature = "audio-devices")]
+fn start_local_session(config: &Config, deps: Arc<SessionDeps>, shutdown: CancellationToken) -> anyhow::Result<Arc<local::LocalSession>> {
+    let mic = crate::sources::MicSettings { device: config.audio.mic.device.clone(), buffer_frames: config.audio.mic.buffer_frames };
+    tracing::info!("local session on the microphone ({})", mic.device.as_deref().unwrap_or("default input"));
+    let (microphone, rx) = crate::sources::mic::Microphone::start(mic);
+    Ok(local::LocalSession::start(deps, rx, Box::new(microphone), shutdown))
+}
+
+#[cfg(not(feature = "audio-devices"))]
+fn start_local_session(_: &Config, _: Arc<SessionDeps>, _: CancellationToken) -> anyhow::Result<Arc<local::LocalSession>> {
+    anyhow::bail!("audio.input: mic needs a hark built with the `audio-devices` feature (on by default; it needs libasound2-dev)")
 }
 
 pub fn build_backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {

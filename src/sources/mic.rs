@@ -21,6 +21,7 @@ use ringbuf::traits::{Consumer, Producer, Split};
 use ringbuf::HeapRb;
 use tokio::sync::mpsc;
 
+use super::{MicEvent, MicOutput, MicSettings};
 use crate::media::{StreamResampler, MODEL_SAMPLE_RATE};
 
 /// How often the capture thread drains the ring.
@@ -41,34 +42,6 @@ pub enum MicError {
     NoDefault,
     #[error("cannot open '{device}': {reason}")]
     Open { device: String, reason: String },
-}
-
-/// Where to capture from.
-#[derive(Debug, Clone)]
-pub struct MicSettings {
-    /// A device name as `hark devices` lists it; `None`: the default input.
-    pub device: Option<String>,
-    /// Frames per callback, a power of two.
-    pub buffer_frames: u32,
-}
-
-/// What the capture reports besides audio.
-#[derive(Debug, Clone, PartialEq)]
-pub enum MicEvent {
-    /// Capturing from `device` at its native `rate`.
-    Opened { device: String, rate: u32, channels: u16 },
-    /// The device stopped delivering (`reason`); hark keeps trying to reopen it.
-    Lost { device: String, reason: String },
-    /// Opening failed; the next try is after `retry_in`.
-    OpenFailed { reason: String, retry_in: Duration },
-}
-
-/// What the capture sends.
-#[derive(Debug)]
-pub enum MicOutput {
-    /// 16 kHz mono samples, in order, contiguous within one opening.
-    Audio(Vec<f32>),
-    Event(MicEvent),
 }
 
 /// A running capture; dropping it stops the capture thread.
