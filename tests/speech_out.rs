@@ -102,6 +102,8 @@ async fn command_engine_reads_wav_from_a_program() {
 }
 
 async fn spoken_reply(dialect: &str) {
+    // RUST_LOG=hark=info shows "first audio … first_text_to_audio_ms".
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
     let model = ScriptedModel::start().await;
     model.push(Reply::text(REPLY));
     let hark = Hark::start(test_config(&model.base_url())).await;
@@ -192,4 +194,45 @@ async fn truncate_keeps_only_what_was_heard() {
     assert_eq!(reqs.len(), 2, "a spoken reply is not followed by a continuation");
     let assistant = reqs[1]["messages"].as_array().unwrap().iter().find(|m| m["role"] == "assistant").expect("the assistant turn").clone();
     assert_eq!(assistant["content"], "Sure thing,", "{assistant}");
+}
+
+/// hark serves `/v1/audio/speech` with its voice; the official openai SDK and another
+/// hark's `http` speech engine both use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_speech_endpoint_serves_the_sdk_and_the_http_engine() {
+    let model = ScriptedModel::start().await;
+    let hark = Hark::start(test_config(&model.base_url())).await;
+
+    let engine = hark::speech::http::HttpEngine::new(&hark::config::HttpSpeechConfig {
+        base_url: hark.base_url(),
+        ..Default::default()
+    })
+    .unwrap();
+    let pcm = engine.synthesize("Hello from the other side.").await.unwrap();
+    assert_eq!(pcm.sample_rate, 24_000);
+    assert!((800..4000).contains(&pcm.duration_ms()) && rms(&pcm.samples) > 0.03, "{} ms, rms {}", pcm.duration_ms(), rms(&pcm.samples));
+    let wav = hark::speech::http::HttpEngine::new(&hark::config::HttpSpeechConfig {
+        base_url: hark.base_url(),
+        format: hark::config::SpeechOutputFormat::Wav,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(wav.synthesize("Hello again.").await.unwrap().duration_ms() > 500);
+    // A format hark cannot encode is refused, and the engine says what the server said.
+    let client = reqwest::Client::new();
+    let r = client.post(format!("{}/audio/speech", hark.base_url())).json(&json!({"model": "x", "voice": "y", "input": "hi", "response_format": "mp3"})).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "response_format");
+
+    let script = format!(
+        "from openai import OpenAI\nc = OpenAI(base_url='{}', api_key='x')\nr = c.audio.speech.create(model='hark', voice='alloy', input='Testing the speech endpoint.', response_format='pcm')\nprint(len(r.content))",
+        hark.base_url()
+    );
+    let py = python();
+    let out = tokio::task::spawn_blocking(move || Command::new(py).args(["-c", &script]).output().unwrap()).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let ms = bytes / 48;
+    assert!((1000..5000).contains(&ms), "{ms} ms of pcm through the SDK");
 }

@@ -7,6 +7,7 @@ pub mod access;
 pub mod chat;
 pub mod local;
 pub mod realtime;
+pub mod speech;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -183,6 +184,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", axum::routing::post(chat::completions))
+        .route("/v1/audio/speech", axum::routing::post(speech::create))
         .route("/v1/realtime", get(realtime::upgrade))
         .layer(axum::middleware::from_fn_with_state(state.clone(), access::check_key));
     Router::new()
