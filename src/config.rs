@@ -159,6 +159,32 @@ pub struct AudioConfig {
     /// session on the microphone, which clients can attach to (`/v1/realtime?session=local`).
     pub input: AudioInputKind,
     pub mic: MicConfig,
+    /// `none`, or `speaker`: the local session speaks its replies on the output device
+    /// (with the microphone gated while it does: half-duplex).
+    pub output: AudioOutputKind,
+    pub speaker: SpeakerConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudioOutputKind {
+    None,
+    Speaker,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpeakerConfig {
+    /// An output device's name or id as `hark devices` lists it; unset: the default output.
+    pub device: Option<String>,
+    /// Frames per playback callback (a power of two): barge-in stops within one.
+    pub buffer_frames: u32,
+}
+
+impl Default for SpeakerConfig {
+    fn default() -> Self {
+        Self { device: None, buffer_frames: 512 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -478,6 +504,8 @@ impl Default for AudioConfig {
             max_buffer_seconds: 900,
             input: AudioInputKind::None,
             mic: MicConfig::default(),
+            output: AudioOutputKind::None,
+            speaker: SpeakerConfig::default(),
         }
     }
 }

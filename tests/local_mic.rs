@@ -13,80 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::pulse::Pulse;
 use common::*;
 use serde_json::Value;
-
-/// A private PulseAudio: null sink `vspk` (16 kHz mono), remap source `vmic` on its monitor.
-struct Pulse {
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Pulse {
-    fn start(dir: &Path) -> Pulse {
-        let mut p = Pulse { dir: dir.to_path_buf(), child: None };
-        p.restart();
-        p
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("run/native")
-    }
-
-    fn restart(&mut self) {
-        std::fs::create_dir_all(self.dir.join("run")).unwrap();
-        let child = Command::new("pulseaudio")
-            .args(["-n", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=no", "--disallow-exit"])
-            .arg(format!("--load=module-native-protocol-unix auth-anonymous=1 socket={}", self.socket().display()))
-            .arg("--load=module-null-sink sink_name=vspk rate=16000 channels=1 format=s16le")
-            .arg("--load=module-remap-source source_name=vmic master=vspk.monitor")
-            .envs(self.env())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pulseaudio is missing: run scripts/test, which installs it");
-        self.child = Some(child);
-        // Ready once it answers; then make the remap source the default input.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let ok = Command::new("pactl").arg("info").envs(self.env()).stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success());
-            if ok.unwrap_or(false) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "pulseaudio did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let st = Command::new("pactl").args(["set-default-source", "vmic"]).envs(self.env()).status().unwrap();
-        assert!(st.success());
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn env(&self) -> Vec<(String, String)> {
-        vec![
-            ("HOME".into(), self.dir.display().to_string()),
-            ("XDG_RUNTIME_DIR".into(), self.dir.join("run").display().to_string()),
-            ("PULSE_SERVER".into(), format!("unix:{}", self.socket().display())),
-        ]
-    }
-
-    /// Plays a WAV into the virtual microphone in real time; returns when it is done.
-    fn play(&self, wav: &Path) {
-        let st = Command::new("paplay").args(["-d", "vspk"]).arg(wav).envs(self.env()).status().expect("paplay");
-        assert!(st.success(), "paplay failed");
-    }
-}
-
-impl Drop for Pulse {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// 16 kHz mono speech padded with silence; returns the path and the speech's length in ms.
 fn speech16(dir: &Path, name: &str, text: &str) -> (PathBuf, f64) {

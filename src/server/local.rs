@@ -16,7 +16,11 @@ use tokio_util::sync::CancellationToken;
 use crate::media::AudioFormat;
 use crate::protocol::{ServerEvent, SessionInfo};
 use crate::session::{Session, SessionDeps, SessionInput};
-use crate::sources::{MicEvent, MicOutput};
+use crate::sources::{MicEvent, MicOutput, SpeechSink};
+
+/// After the speaker falls silent the room still echoes: the microphone stays gated
+/// this long (half-duplex; there is no echo canceller yet).
+const ECHO_TAIL: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Events buffered for attached clients; one that falls further behind misses events
 /// (and is told so), it never slows the session.
@@ -34,17 +38,26 @@ impl LocalSession {
         deps: Arc<SessionDeps>,
         mut mic_rx: mpsc::Receiver<MicOutput>,
         keep: Box<dyn Send + 'static>,
+        speaker: Option<Arc<dyn SpeechSink>>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let (in_tx, in_rx) = mpsc::channel(256);
         let (out_tx, mut out_rx) = mpsc::channel::<ServerEvent>(1024);
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
-        let session = Session::new(deps, None).with_input_format(AudioFormat::Pcm16 { rate: crate::media::MODEL_SAMPLE_RATE });
+        let mut session = Session::new(deps, None).with_input_format(AudioFormat::Pcm16 { rate: crate::media::MODEL_SAMPLE_RATE });
+        if speaker.is_some() {
+            // The assistant answers aloud on the speaker.
+            session = session.with_output_modalities(vec!["audio".into()]);
+        }
         tokio::spawn(session.run(in_rx, out_tx, shutdown.clone()));
 
         let bcast = events.clone();
+        let sink = speaker.clone();
         tokio::spawn(async move {
             while let Some(ev) = out_rx.recv().await {
+                if let Some(sp) = &sink {
+                    play_on(sp.as_ref(), &ev);
+                }
                 // No one attached is fine: the assistant runs on its own.
                 let _ = bcast.send(ev);
             }
@@ -52,6 +65,7 @@ impl LocalSession {
 
         let (audio_tx, bcast) = (in_tx.clone(), events.clone());
         tokio::spawn(async move {
+            let mut last_playing: Option<std::time::Instant> = None;
             loop {
                 let out = tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -59,7 +73,16 @@ impl LocalSession {
                 };
                 match out {
                     None => break,
-                    Some(MicOutput::Audio(samples)) => {
+                    Some(MicOutput::Audio(mut samples)) => {
+                        // Half-duplex: while the assistant speaks (and its echo dies
+                        // down) the microphone hears silence, so its own voice cannot
+                        // start a turn. Silence, not nothing: the timeline stays whole.
+                        if speaker.as_ref().is_some_and(|s| s.is_playing()) {
+                            last_playing = Some(std::time::Instant::now());
+                        }
+                        if last_playing.is_some_and(|t| t.elapsed() < ECHO_TAIL) {
+                            samples.iter_mut().for_each(|s| *s = 0.0);
+                        }
                         if audio_tx.send(SessionInput::LocalAudio(samples)).await.is_err() {
                             break;
                         }
@@ -87,6 +110,21 @@ impl LocalSession {
     /// Where attached clients send their events.
     pub fn input(&self) -> mpsc::Sender<SessionInput> {
         self.input.clone()
+    }
+}
+
+/// Speech deltas go to the speaker; a cancelled response stops it.
+fn play_on(sp: &dyn SpeechSink, ev: &ServerEvent) {
+    use base64::Engine;
+    match ev {
+        ServerEvent::ResponseOutputAudioDelta { delta, .. } => {
+            if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(delta) {
+                let samples: Vec<f32> = bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / 32768.0).collect();
+                sp.play(&samples);
+            }
+        }
+        ServerEvent::ResponseDone { response } if response.status == crate::protocol::ResponseStatus::Cancelled => sp.clear(),
+        _ => {}
     }
 }
 

@@ -130,8 +130,17 @@ impl AppState {
 fn start_local_session(config: &Config, deps: Arc<SessionDeps>, shutdown: CancellationToken) -> anyhow::Result<Arc<local::LocalSession>> {
     let mic = crate::sources::MicSettings { device: config.audio.mic.device.clone(), buffer_frames: config.audio.mic.buffer_frames };
     tracing::info!("local session on the microphone ({})", mic.device.as_deref().unwrap_or("default input"));
+    let speaker: Option<Arc<dyn crate::sources::SpeechSink>> = match config.audio.output {
+        crate::config::AudioOutputKind::None => None,
+        crate::config::AudioOutputKind::Speaker => {
+            anyhow::ensure!(deps.speech.is_some(), "audio.output: speaker needs a speech engine (speech.engine; is the voice fetched? run scripts/setup)");
+            let s = crate::sources::speaker::Speaker::open(config.audio.speaker.device.as_deref(), config.audio.speaker.buffer_frames)
+                .context("opening the speaker (audio.speaker)")?;
+            Some(s)
+        }
+    };
     let (microphone, rx) = crate::sources::mic::Microphone::start(mic);
-    Ok(local::LocalSession::start(deps, rx, Box::new(microphone), shutdown))
+    Ok(local::LocalSession::start(deps, rx, Box::new(microphone), speaker, shutdown))
 }
 
 #[cfg(not(feature = "audio-devices"))]

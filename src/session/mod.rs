@@ -191,6 +191,12 @@ impl Session {
         self
     }
 
+    /// Sets the output modalities (the local session speaks when it has a speaker).
+    pub fn with_output_modalities(mut self, modalities: Vec<String>) -> Self {
+        self.settings.output_modalities = modalities;
+        self
+    }
+
     /// Runs until the client goes away or `shutdown` fires. Returns the conversation
     /// as it ended (every tool call answered), for whoever wants to look.
     pub async fn run(mut self, mut input: mpsc::Receiver<SessionInput>, out: mpsc::Sender<ServerEvent>, shutdown: CancellationToken) -> Conversation {

@@ -1,5 +1,7 @@
 //! Sources: where audio comes from besides a client's WebSocket.
 //!
+//! - `speaker.rs`: the local speaker (cpal output fed from a lock-free ring; cleared
+//!   within one buffer on barge-in).
 //! - `mic.rs` (feature `audio-devices`, on by default; needs ALSA's libasound): the local
 //!   microphone through cpal, into a lock-free ring, resampled to 16 kHz for the
 //!   session; device loss is detected and the capture reopens.
@@ -9,6 +11,31 @@
 
 #[cfg(feature = "audio-devices")]
 pub mod mic;
+#[cfg(feature = "audio-devices")]
+pub mod speaker;
+
+/// Where the local session's speech goes (the speaker), as the session sees it.
+pub trait SpeechSink: Send + Sync {
+    /// Queues 24 kHz mono speech.
+    fn play(&self, samples: &[f32]);
+    /// Stops playback now (barge-in, cancel).
+    fn clear(&self);
+    /// Whether speech is queued or playing (the microphone is gated meanwhile).
+    fn is_playing(&self) -> bool;
+}
+
+#[cfg(feature = "audio-devices")]
+impl SpeechSink for speaker::Speaker {
+    fn play(&self, samples: &[f32]) {
+        speaker::Speaker::play(self, samples)
+    }
+    fn clear(&self) {
+        speaker::Speaker::clear(self)
+    }
+    fn is_playing(&self) -> bool {
+        speaker::Speaker::is_playing(self)
+    }
+}
 
 use std::time::Duration;
 

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod pulse;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
