@@ -236,3 +236,22 @@ async fn audio_speech_endpoint_serves_the_sdk_and_the_http_engine() {
     let ms = bytes / 48;
     assert!((1000..5000).contains(&ms), "{ms} ms of pcm through the SDK");
 }
+
+/// With speech off, a response that asks for audio says so and answers in text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_speech_engine_audio_requests_get_text_and_an_error() {
+    let model = ScriptedModel::start().await;
+    let mut cfg = test_config(&model.base_url());
+    cfg.speech.engine = hark::config::SpeechEngineKind::None;
+    let hark = Hark::start(cfg).await;
+    let mut c = Client::connect(&hark.ws_url()).await;
+    c.send(json!({"type": "session.update", "session": {"type": "realtime", "output_modalities": ["audio"], "audio": {"input": {"turn_detection": null}}}})).await;
+    c.until("session.updated").await;
+    c.send(json!({"type": "response.create"})).await;
+    let events = c.collect_until("response.done").await;
+    let err = events.iter().find(|e| e["type"] == "error").expect("an error event");
+    assert_eq!(err["error"]["code"], "speech_unavailable", "{err}");
+    let text: String = events.iter().filter(|e| e["type"] == "response.output_text.delta").map(|e| e["delta"].as_str().unwrap()).collect();
+    assert_eq!(text, "Hello from the scripted model.");
+    assert!(!events.iter().any(|e| e["type"] == "response.output_audio.delta"));
+}
