@@ -29,9 +29,9 @@
 //!   [`tools::ToolRegistry`] that validates arguments and runs builtin, command, HTTP
 //!   and MCP tools with limits.
 //!
-//! - [`sources`]: audio from beyond a client's socket — the local microphone (cpal
+//! - [`sources`]: local audio devices (feature `audio-devices`) — the microphone (cpal
 //!   capture into a lock-free ring, resampled to 16 kHz, reopened when the device
-//!   returns). WebRTC is still to come (see `../shared/DESIGN.md` §2).
+//!   returns) and the speaker (cpal output from a lock-free ring, cleared on barge-in).
 
 pub mod bench;
 pub mod check;
