@@ -27,6 +27,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub backend: BackendConfig,
     pub audio: AudioConfig,
+    /// Speech out: the engine that voices replies for clients that ask for audio.
+    pub speech: SpeechConfig,
     pub session: SessionDefaults,
     pub webrtc: WebRtcConfig,
     pub agents_dir: PathBuf,
@@ -154,6 +156,176 @@ pub struct AudioConfig {
     pub silero_model: PathBuf,
     /// Cap on audio held in one session's input buffer.
     pub max_buffer_seconds: u32,
+    /// `none` (clients bring audio) or `mic`: `hark serve` also runs one always-on local
+    /// session on the microphone, which clients can attach to (`/v1/realtime?session=local`).
+    pub input: AudioInputKind,
+    pub mic: MicConfig,
+    /// `none`, or `speaker`: the local session speaks its replies on the output device
+    /// (with the microphone gated while it does: half-duplex).
+    pub output: AudioOutputKind,
+    pub speaker: SpeakerConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudioOutputKind {
+    None,
+    Speaker,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpeakerConfig {
+    /// An output device's name or id as `hark devices` lists it; unset: the default output.
+    pub device: Option<String>,
+    /// Frames per playback callback (a power of two): barge-in stops within one.
+    pub buffer_frames: u32,
+}
+
+impl Default for SpeakerConfig {
+    fn default() -> Self {
+        Self { device: None, buffer_frames: 512 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudioInputKind {
+    None,
+    Mic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MicConfig {
+    /// An input device's name as `hark devices` lists it; unset: the default input.
+    pub device: Option<String>,
+    /// Frames per capture callback: a power of two (small: low latency).
+    pub buffer_frames: u32,
+}
+
+impl Default for MicConfig {
+    fn default() -> Self {
+        Self { device: None, buffer_frames: 256 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpeechConfig {
+    /// `piper` (default: a Piper voice through ONNX Runtime), `command`, `http`, or `none`.
+    pub engine: SpeechEngineKind,
+    pub piper: PiperConfig,
+    pub command: CommandSpeechConfig,
+    pub http: HttpSpeechConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpeechEngineKind {
+    Piper,
+    Command,
+    Http,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PiperConfig {
+    /// The voice's `.onnx`; its `.onnx.json` is found beside it unless `config` is set.
+    pub model: PathBuf,
+    pub config: Option<PathBuf>,
+    /// The espeak-ng program (run as a process for phonemes).
+    pub espeak: PathBuf,
+    /// Above 1 speaks slower, below 1 faster.
+    pub length_scale: f32,
+    /// ONNX Runtime threads per synthesis; 0 lets it choose.
+    pub threads: usize,
+}
+
+impl Default for PiperConfig {
+    fn default() -> Self {
+        Self {
+            model: "vendor/en_US-joe-medium.onnx".into(),
+            config: None,
+            espeak: "espeak-ng".into(),
+            length_scale: 1.0,
+            threads: 0,
+        }
+    }
+}
+
+/// How a `command` or `http` engine returns audio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpeechOutputFormat {
+    /// A WAV file (any rate; 16-bit PCM or 32-bit float).
+    Wav,
+    /// Raw 16-bit little-endian mono PCM at `sample_rate`.
+    Pcm,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandSpeechConfig {
+    /// Program and arguments, no shell; the text arrives on stdin, audio leaves on stdout.
+    pub argv: Vec<String>,
+    pub format: SpeechOutputFormat,
+    /// For `format: pcm`.
+    pub sample_rate: u32,
+    pub timeout_ms: u64,
+}
+
+impl Default for CommandSpeechConfig {
+    fn default() -> Self {
+        Self {
+            argv: vec!["espeak-ng".into(), "--stdout".into(), "-v".into(), "en-us".into()],
+            format: SpeechOutputFormat::Wav,
+            sample_rate: 22_050,
+            timeout_ms: 20_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSpeechConfig {
+    /// An OpenAI-compatible server; hark posts to `{base_url}/audio/speech`.
+    pub base_url: String,
+    /// Sent as `Authorization: Bearer …` when non-empty. `${ENV:NAME}` reads a variable.
+    pub api_key: String,
+    pub model: String,
+    pub voice: String,
+    /// `pcm` asks for OpenAI's raw 24 kHz 16-bit; `wav` for a WAV file.
+    pub format: SpeechOutputFormat,
+    /// For `format: pcm`.
+    pub sample_rate: u32,
+    pub timeout_ms: u64,
+}
+
+impl Default for HttpSpeechConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:8880/v1".into(),
+            api_key: String::new(),
+            model: "tts-1".into(),
+            voice: "alloy".into(),
+            format: SpeechOutputFormat::Pcm,
+            sample_rate: 24_000,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Default for SpeechConfig {
+    fn default() -> Self {
+        Self {
+            engine: SpeechEngineKind::Piper,
+            piper: PiperConfig::default(),
+            command: CommandSpeechConfig::default(),
+            http: HttpSpeechConfig::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -337,6 +509,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             backend: BackendConfig::default(),
             audio: AudioConfig::default(),
+            speech: SpeechConfig::default(),
             session: SessionDefaults::default(),
             webrtc: WebRtcConfig::default(),
             agents_dir: "agents".into(),
@@ -398,6 +571,10 @@ impl Default for AudioConfig {
             onnxruntime_library: "vendor/libonnxruntime.so".into(),
             silero_model: "vendor/silero_vad.onnx".into(),
             max_buffer_seconds: 900,
+            input: AudioInputKind::None,
+            mic: MicConfig::default(),
+            output: AudioOutputKind::None,
+            speaker: SpeakerConfig::default(),
         }
     }
 }
@@ -514,6 +691,13 @@ impl Config {
         if self.webrtc.video_frame_tokens == 0 {
             return bad("webrtc.video_frame_tokens: must be at least 1".into());
         }
+        let frames = self.audio.mic.buffer_frames;
+        if !frames.is_power_of_two() || !(64..=8192).contains(&frames) {
+            return bad(format!("audio.mic.buffer_frames: {frames} must be a power of two from 64 to 8192"));
+        }
+        if !(self.speech.piper.length_scale > 0.0 && self.speech.piper.length_scale <= 4.0) {
+            return bad(format!("speech.piper.length_scale: {} must be within (0, 4]", self.speech.piper.length_scale));
+        }
         for m in &self.session.output_modalities {
             if m != "text" && m != "audio" {
                 return bad(format!("session.output_modalities: '{m}' must be text or audio"));
@@ -560,7 +744,7 @@ pub(crate) fn yaml_line_and_message(e: &serde_yaml_ng::Error) -> (usize, String)
 
 /// Top-level config keys; only `HARK_<KEY>…` variables naming one of them are
 /// overrides (others, such as `HARK_TEST_PYTHON`, belong to other tools).
-const TOP_LEVEL_KEYS: [&str; 8] = ["server", "backend", "audio", "session", "webrtc", "log", "agents_dir", "tools_dir"];
+const TOP_LEVEL_KEYS: [&str; 9] = ["server", "backend", "audio", "speech", "session", "webrtc", "log", "agents_dir", "tools_dir"];
 
 fn is_override(var: &str) -> bool {
     let Some(rest) = var.strip_prefix("HARK_") else { return false };

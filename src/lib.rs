@@ -9,13 +9,17 @@
 //!   (ONNX Runtime), 640-sample model frames. Frames in, frames out.
 //! - [`session`]: one client's realtime session — input buffer, turn detection,
 //!   conversation, the response in flight, barge-in. Transport-agnostic.
+//! - [`speech`]: speech out — streamed text cut into clauses and sentences, voiced by
+//!   Piper through ONNX Runtime (phonemes from the `espeak-ng` program), a command or
+//!   an OpenAI-compatible `/v1/audio/speech` server, as 24 kHz PCM chunks.
 //! - [`context`]: the rolling context window — turns, token counts, eviction policy.
 //! - [`model`]: the [`model::Backend`] trait and its implementations: Gemma 4
 //!   in-process (`model::gemma4`, `model::embedded`) and any OpenAI-compatible server
 //!   (`model::openai`); `model::hub` downloads checkpoints. Backends are driven; they
 //!   know no transport.
 //! - [`server`]: axum HTTP server — the Realtime WebSocket, WebRTC signalling
-//!   (`/v1/realtime/calls`, `/v1/realtime/client_secrets`), `/healthz`, `/v1/models`.
+//!   (`/v1/realtime/calls`, `/v1/realtime/client_secrets`), `/healthz`, `/v1/models`, and
+//!   the always-on local session clients can attach to (`server::local`).
 //! - [`webrtc`](mod@webrtc): browser calls — the peer connection, the `oai-events` data
 //!   channel into the same session code, Opus audio in and out, camera frames.
 //! - [`config`]: `config.yaml` and its `HARK_…` environment overrides.
@@ -28,7 +32,9 @@
 //!   [`tools::ToolRegistry`] that validates arguments and runs builtin, command, HTTP
 //!   and MCP tools with limits.
 //!
-//! Still to come (see `../shared/DESIGN.md` §2): `sources/` (microphone).
+//! - [`sources`]: local audio devices (feature `audio-devices`) — the microphone (cpal
+//!   capture into a lock-free ring, resampled to 16 kHz, reopened when the device
+//!   returns) and the speaker (cpal output from a lock-free ring, cleared on barge-in).
 
 pub mod bench;
 pub mod check;
@@ -40,6 +46,8 @@ pub mod model;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod sources;
+pub mod speech;
 pub mod tls;
 pub mod tools;
 pub mod webrtc;

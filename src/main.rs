@@ -23,6 +23,8 @@ enum Command {
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
     },
+    /// List audio input and output devices (names for audio.mic.device) with their configs.
+    Devices,
     /// Validate the config (and the files it points to) without starting.
     Check {
         #[arg(long, short, default_value = "config.yaml")]
@@ -238,6 +240,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 hark::server::cancel_on_signals(state.shutdown.clone());
                 hark::server::serve(listener, state).await
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(not(feature = "audio-devices"))]
+        Command::Devices => anyhow::bail!("this hark was built without the `audio-devices` feature"),
+        #[cfg(feature = "audio-devices")]
+        Command::Devices => {
+            let (inputs, outputs) = hark::sources::mic::list_devices().map_err(|e| anyhow::anyhow!("cannot list audio devices: {e}"))?;
+            for (title, list) in [("inputs", inputs), ("outputs", outputs)] {
+                println!("{title}:");
+                if list.is_empty() {
+                    println!("  (none)");
+                }
+                for d in list {
+                    let mark = if d.is_default { " (default)" } else { "" };
+                    println!("  {}{mark}\n    id: {}\n    default: {}", d.name, d.id, d.default_config.as_deref().unwrap_or("-"));
+                    for c in d.configs {
+                        println!("    supports: {c}");
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {

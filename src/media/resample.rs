@@ -1,7 +1,9 @@
-//! Any input rate → 16 kHz, streaming, with rubato's synchronous FFT resampler.
+//! Any input rate → 16 kHz (or another output rate), streaming, with rubato's
+//! synchronous FFT resampler.
 //!
 //! The resampler's own delay is trimmed from the start of the output, so sample `n`
 //! of the output lines up with time `n / 16000` of the input: VAD timestamps depend on it.
+//! Speech output uses the same stage to bring a voice's native rate to the protocol's 24 kHz.
 
 use audioadapter_buffers::direct::SequentialSlice;
 use rubato::{Fft, FixedSync, Indexing, Resampler};
@@ -17,9 +19,10 @@ pub enum ResampleError {
     Process(String),
 }
 
-/// A mono stream converter to [`MODEL_SAMPLE_RATE`].
+/// A mono stream converter to [`MODEL_SAMPLE_RATE`] (or the rate given to [`Self::with_rates`]).
 pub struct StreamResampler {
     input_rate: u32,
+    output_rate: u32,
     inner: Option<Fft<f32>>,
     chunk_in: usize,
     pending: Vec<f32>,
@@ -30,23 +33,35 @@ pub struct StreamResampler {
 
 impl StreamResampler {
     pub fn new(input_rate: u32) -> Result<Self, ResampleError> {
-        if input_rate == MODEL_SAMPLE_RATE {
-            return Ok(Self { input_rate, inner: None, chunk_in: 0, pending: Vec::new(), out_buf: Vec::new(), skip: 0 });
+        Self::with_rates(input_rate, MODEL_SAMPLE_RATE)
+    }
+
+    /// A converter from `input_rate` to `output_rate`.
+    pub fn with_rates(input_rate: u32, output_rate: u32) -> Result<Self, ResampleError> {
+        if output_rate == 0 || output_rate > 384_000 {
+            return Err(ResampleError::Construction { rate: output_rate, reason: "unsupported output rate".into() });
+        }
+        if input_rate == output_rate {
+            return Ok(Self { input_rate, output_rate, inner: None, chunk_in: 0, pending: Vec::new(), out_buf: Vec::new(), skip: 0 });
         }
         if input_rate == 0 || input_rate > 384_000 {
             return Err(ResampleError::Construction { rate: input_rate, reason: "unsupported rate".into() });
         }
         // 20 ms chunks keep the added latency small.
         let chunk_in = (input_rate / 50) as usize;
-        let inner = Fft::<f32>::new(input_rate as usize, MODEL_SAMPLE_RATE as usize, chunk_in, 1, FixedSync::Input)
+        let inner = Fft::<f32>::new(input_rate as usize, output_rate as usize, chunk_in, 1, FixedSync::Input)
             .map_err(|e| ResampleError::Construction { rate: input_rate, reason: e.to_string() })?;
         let skip = inner.output_delay();
         let out_max = inner.output_frames_max();
-        Ok(Self { input_rate, inner: Some(inner), chunk_in, pending: Vec::new(), out_buf: vec![0.0; out_max], skip })
+        Ok(Self { input_rate, output_rate, inner: Some(inner), chunk_in, pending: Vec::new(), out_buf: vec![0.0; out_max], skip })
     }
 
     pub fn input_rate(&self) -> u32 {
         self.input_rate
+    }
+
+    pub fn output_rate(&self) -> u32 {
+        self.output_rate
     }
 
     /// Feeds samples at the input rate; appends every 16 kHz sample that is ready to `out`.
@@ -78,7 +93,7 @@ impl StreamResampler {
         input.resize(self.chunk_in, 0.0);
         let produced = Self::run(inner, &input, Some(n), &mut self.out_buf)?;
         // Keep only the output that corresponds to real input.
-        let real = (n as u64 * MODEL_SAMPLE_RATE as u64 / self.input_rate as u64) as usize;
+        let real = (n as u64 * self.output_rate as u64 / self.input_rate as u64) as usize;
         Self::emit(&self.out_buf[..produced.min(real)], &mut self.skip, out);
         Ok(())
     }

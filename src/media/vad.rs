@@ -58,7 +58,8 @@ pub trait VoiceDetector: Send {
 /// The process-wide ONNX Runtime: the shared library can be loaded once per process.
 static ORT_ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
-fn ort_environment(library: &Path) -> Result<&'static ort::environment::Environment, VadError> {
+/// The process-wide ONNX Runtime environment (VAD, speech and wake-word models share it).
+pub fn ort_environment(library: &Path) -> Result<&'static ort::environment::Environment, VadError> {
     let env = ORT_ENV.get_or_init(|| {
         if !library.exists() {
             return Err(format!("missing:{}", library.display()));

@@ -122,6 +122,33 @@ pub enum ServerEvent {
         content_index: u32,
         text: String,
     },
+    /// 24 kHz pcm16 (base64) of the spoken reply.
+    #[serde(rename = "response.output_audio.delta")]
+    ResponseOutputAudioDelta {
+        response_id: String,
+        item_id: String,
+        output_index: u32,
+        content_index: u32,
+        delta: String,
+    },
+    #[serde(rename = "response.output_audio.done")]
+    ResponseOutputAudioDone { response_id: String, item_id: String, output_index: u32, content_index: u32 },
+    #[serde(rename = "response.output_audio_transcript.delta")]
+    ResponseOutputAudioTranscriptDelta {
+        response_id: String,
+        item_id: String,
+        output_index: u32,
+        content_index: u32,
+        delta: String,
+    },
+    #[serde(rename = "response.output_audio_transcript.done")]
+    ResponseOutputAudioTranscriptDone {
+        response_id: String,
+        item_id: String,
+        output_index: u32,
+        content_index: u32,
+        transcript: String,
+    },
     #[serde(rename = "response.function_call_arguments.delta")]
     ResponseFunctionCallArgumentsDelta {
         response_id: String,

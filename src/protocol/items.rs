@@ -146,6 +146,10 @@ impl ContentPart {
     pub fn input_image(url: String) -> Self {
         Self { kind: "input_image", text: None, transcript: None, image_url: Some(url) }
     }
+    /// An assistant's spoken part; `transcript` is what was said.
+    pub fn output_audio(transcript: impl Into<String>) -> Self {
+        Self { kind: "output_audio", text: None, transcript: Some(Some(transcript.into())), image_url: None }
+    }
     pub fn output_text(text: impl Into<String>) -> Self {
         Self { kind: "output_text", text: Some(text.into()), transcript: None, image_url: None }
     }

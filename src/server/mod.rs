@@ -6,7 +6,9 @@
 pub mod access;
 pub mod calls;
 pub mod chat;
+pub mod local;
 pub mod realtime;
+pub mod speech;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,6 +46,8 @@ pub struct AppState {
     /// Ephemeral keys for browser calls, and the calls open now.
     pub secrets: Arc<crate::webrtc::secrets::ClientSecrets>,
     pub calls: Arc<crate::webrtc::Calls>,
+    /// The always-on microphone session (`audio.input: mic`).
+    pub local: Option<Arc<local::LocalSession>>,
 }
 
 impl AppState {
@@ -78,6 +82,18 @@ impl AppState {
             }
         };
         let backend = build_backend(&config)?;
+        let speech = match crate::speech::from_config(&config) {
+            Ok(s) => s,
+            // A voice that is not fetched yet leaves hark useful for text; say how to get it.
+            Err(crate::speech::SpeechError::Missing(m)) => {
+                tracing::warn!("speech out is off: {m}");
+                None
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("loading the speech engine (speech in config.yaml; speech.engine: none turns it off)")),
+        };
+        if let Some(s) = &speech {
+            tracing::info!("speech out: {}", s.name());
+        }
         let deps = SessionDeps {
             defaults: SessionSettings::from_config(&config),
             backend,
@@ -92,21 +108,52 @@ impl AppState {
             tools: Arc::new(tools),
             agents: Arc::new(agents),
             client_tool_timeout: Duration::from_millis(config.session.client_tool_timeout_ms),
+            speech,
+        };
+        let deps = Arc::new(deps);
+        let shutdown = CancellationToken::new();
+        let local = match config.audio.input {
+            crate::config::AudioInputKind::None => None,
+            crate::config::AudioInputKind::Mic => Some(start_local_session(&config, deps.clone(), shutdown.clone())?),
         };
         let metrics = Arc::new(crate::metrics::Metrics::default());
         metrics.set_context_limit(config.session.context.max_tokens);
         Ok(Self {
+            local,
             session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),
             origins: Arc::new(access::OriginPolicy::new(&config.server.allowed_origins)),
             metrics,
             secrets: Default::default(),
             calls: Default::default(),
             config: Arc::new(config),
-            deps: Arc::new(deps),
-            shutdown: CancellationToken::new(),
+            deps,
+            shutdown,
             sessions: TaskTracker::new(),
         })
     }
+}
+
+/// The always-on microphone session (`audio.input: mic`).
+#[cfg(feature = "audio-devices")]
+fn start_local_session(config: &Config, deps: Arc<SessionDeps>, shutdown: CancellationToken) -> anyhow::Result<Arc<local::LocalSession>> {
+    let mic = crate::sources::MicSettings { device: config.audio.mic.device.clone(), buffer_frames: config.audio.mic.buffer_frames };
+    tracing::info!("local session on the microphone ({})", mic.device.as_deref().unwrap_or("default input"));
+    let speaker: Option<Arc<dyn crate::sources::SpeechSink>> = match config.audio.output {
+        crate::config::AudioOutputKind::None => None,
+        crate::config::AudioOutputKind::Speaker => {
+            anyhow::ensure!(deps.speech.is_some(), "audio.output: speaker needs a speech engine (speech.engine; is the voice fetched? run scripts/setup)");
+            let s = crate::sources::speaker::Speaker::open(config.audio.speaker.device.as_deref(), config.audio.speaker.buffer_frames)
+                .context("opening the speaker (audio.speaker)")?;
+            Some(s)
+        }
+    };
+    let (microphone, rx) = crate::sources::mic::Microphone::start(mic);
+    Ok(local::LocalSession::start(deps, rx, Box::new(microphone), speaker, shutdown))
+}
+
+#[cfg(not(feature = "audio-devices"))]
+fn start_local_session(_: &Config, _: Arc<SessionDeps>, _: CancellationToken) -> anyhow::Result<Arc<local::LocalSession>> {
+    anyhow::bail!("audio.input: mic needs a hark built with the `audio-devices` feature (on by default; it needs libasound2-dev)")
 }
 
 pub fn build_backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
@@ -154,6 +201,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", axum::routing::post(chat::completions))
+        .route("/v1/audio/speech", axum::routing::post(speech::create))
         .route("/v1/realtime", get(realtime::upgrade))
         .route("/v1/realtime/client_secrets", axum::routing::post(calls::client_secrets))
         .route("/v1/realtime/calls/{call_id}/hangup", axum::routing::post(calls::hangup))

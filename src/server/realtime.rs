@@ -26,6 +26,8 @@ use crate::session::{Session, SessionInput};
 #[derive(Debug, Deserialize)]
 pub struct RealtimeQuery {
     pub model: Option<String>,
+    /// `local`: attach to the always-on microphone session instead of starting one.
+    pub session: Option<String>,
 }
 
 /// Subprotocols hark answers with, in order of preference.
@@ -58,6 +60,25 @@ pub async fn upgrade(
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let max = st.config.server.max_message_bytes;
+    if let Some(name) = q.session.as_deref() {
+        let local = match (name, st.local.clone()) {
+            ("local", Some(l)) => l,
+            _ => {
+                let message = format!("No session '{name}' to attach to (the local session runs with audio.input: mic).");
+                return (StatusCode::NOT_FOUND, Json(json!({"error": {"type": "invalid_request_error", "code": "session_not_found", "message": message}})))
+                    .into_response();
+            }
+        };
+        return ws.protocols(SUBPROTOCOLS).max_message_size(max).max_frame_size(max).on_upgrade(move |socket| {
+            let tracker = st.sessions.clone();
+            tracker.track_future(async move {
+                tracing::info!(%peer, ?dialect, "attached to the local session");
+                run_attached(socket, local, dialect, st.shutdown.clone()).await;
+                tracing::info!(%peer, "detached from the local session");
+                drop(permit);
+            })
+        });
+    }
     ws.protocols(SUBPROTOCOLS).max_message_size(max).max_frame_size(max).on_upgrade(move |socket| {
         let tracker = st.sessions.clone();
         tracker.track_future(async move {
@@ -67,6 +88,55 @@ pub async fn upgrade(
             drop(permit);
         })
     })
+}
+
+/// A client attached to the local session: it sees the session's events from now on
+/// and its own events drive the session; leaving does not end the session.
+async fn run_attached(socket: WebSocket, local: Arc<super::local::LocalSession>, dialect: Dialect, shutdown: tokio_util::sync::CancellationToken) {
+    let (mut sink, mut stream) = socket.split();
+    let Some((info, mut events)) = local.attach().await else {
+        let _ = sink.send(Message::Close(Some(CloseFrame { code: 1011, reason: "the local session has ended".into() }))).await;
+        return;
+    };
+    let writer = tokio::spawn(async move {
+        let mut next = Some(ServerEvent::SessionCreated { session: info });
+        loop {
+            let ev = match next.take() {
+                Some(ev) => ev,
+                None => match events.recv().await {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        ServerEvent::server_error("events_dropped", format!("This client fell behind; {n} events were dropped."), None)
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+            };
+            let Some(text) = to_wire(&ev, dialect) else { continue };
+            if sink.send(Message::text(text)).await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.send(Message::Close(Some(CloseFrame { code: 1001, reason: "session closed".into() }))).await;
+    });
+    let input = local.input();
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = stream.next() => m,
+        };
+        let ev = match msg {
+            None | Some(Ok(Message::Close(_))) | Some(Err(_)) => break,
+            Some(Ok(Message::Text(text))) => match parse_client_event(text.as_str()) {
+                Ok(env) => SessionInput::Client(env),
+                Err(e) => SessionInput::Invalid(e),
+            },
+            Some(Ok(_)) => continue,
+        };
+        if input.send(ev).await.is_err() {
+            break;
+        }
+    }
+    writer.abort();
 }
 
 async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dialect: Dialect) {

@@ -15,6 +15,40 @@ pub enum Payload {
     Audio(Arc<Vec<f32>>),
     /// `data:image/…;base64,…`
     Image(Arc<String>),
+    /// An assistant's spoken part: where each spoken segment ends, so a truncation
+    /// keeps exactly the words the user heard.
+    Spoken(Arc<SpokenMarks>),
+}
+
+/// The timeline of an assistant's audio part.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpokenMarks {
+    /// Per segment: its end (24 kHz samples from the part's start) and the transcript's
+    /// byte length once it is included.
+    pub segments: Vec<(u64, usize)>,
+}
+
+impl SpokenMarks {
+    /// Length of the part's audio in milliseconds.
+    pub fn duration_ms(&self) -> u64 {
+        self.segments.last().map_or(0, |(end, _)| end * 1000 / crate::speech::OUTPUT_SAMPLE_RATE as u64)
+    }
+
+    /// Transcript bytes heard by `audio_end_ms`: the segments that had started playing
+    /// (a half-heard sentence counts as heard, as a listener would remember it).
+    pub fn transcript_len_at(&self, audio_end_ms: u64) -> usize {
+        let end = audio_end_ms * crate::speech::OUTPUT_SAMPLE_RATE as u64 / 1000;
+        let mut start = 0;
+        let mut len = 0;
+        for &(seg_end, seg_len) in &self.segments {
+            if start >= end {
+                break;
+            }
+            len = seg_len;
+            start = seg_end;
+        }
+        len
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -166,7 +200,7 @@ fn chat_messages<'a>(items: impl Iterator<Item = &'a ConversationItem>) -> Vec<C
                             match payload {
                                 Payload::Audio(a) => user.push(UserPart::Audio(a.clone())),
                                 Payload::Image(url) => user.push(UserPart::Image(url.clone())),
-                                Payload::None => {
+                                Payload::None | Payload::Spoken(_) => {
                                     if let Some(t) = &part.text {
                                         user.push(UserPart::Text(t.clone()));
                                     }
@@ -182,7 +216,9 @@ fn chat_messages<'a>(items: impl Iterator<Item = &'a ConversationItem>) -> Vec<C
                         out.push(ChatMessage::System(text.join("\n")));
                     }
                     Some(Role::Assistant) | None => {
-                        let text: String = parts.iter().filter_map(|p| p.text.as_deref()).collect();
+                        // A spoken part's transcript is what the model said.
+                        let text: String =
+                            parts.iter().filter_map(|p| p.text.as_deref().or(p.transcript.as_ref().and_then(|t| t.as_deref()))).collect();
                         out.push(ChatMessage::Assistant { text, tool_calls: Vec::new() });
                     }
                 }

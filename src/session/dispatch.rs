@@ -224,10 +224,13 @@ impl Session {
     /// OpenAI.
     pub(super) fn settle_response(&mut self) {
         let Some(run) = self.response.as_mut() else { return };
-        if !run.awaiting_tools() || run.calls_running() > 0 {
+        if !run.awaiting_tools() || run.calls_running() > 0 || run.speaking() {
             return;
         }
-        let continue_with_results = run.outcome() == Some(ResponseStatus::Completed) && !run.has_client_calls() && run.in_conversation();
+        // Only hark's own tool results call for a continuation (a response that merely
+        // waited for its speech to finish has nothing new for the model).
+        let continue_with_results =
+            run.outcome() == Some(ResponseStatus::Completed) && run.has_hark_calls() && !run.has_client_calls() && run.in_conversation();
         run.finish_done(&mut self.events);
         self.response = None;
         if !continue_with_results {

@@ -156,7 +156,15 @@ impl Session {
             )
             .param("audio")
         })?;
-        self.take_pipeline_output(out);
+        self.take_audio(out);
+        Ok(())
+    }
+
+    /// Samples from a local source (the microphone), at the session's input rate.
+    pub(super) fn append_samples(&mut self, samples: &[f32]) -> Result<(), ProtocolError> {
+        let out = run_heavy(samples.len() * 2, || self.pipeline.push_samples(samples))
+            .map_err(|e| ProtocolError::server("audio_pipeline", format!("local audio: {e}")))?;
+        self.take_audio(out);
         Ok(())
     }
 
@@ -171,12 +179,13 @@ impl Session {
             self.rebuild_audio_path();
         }
         match self.pipeline.push_samples(samples) {
-            Ok(out) => self.take_pipeline_output(out),
+            Ok(out) => self.take_audio(out),
             Err(e) => self.events.push(ServerEvent::server_error("invalid_audio", format!("The audio track could not be processed: {e}"), None)),
         }
     }
 
-    fn take_pipeline_output(&mut self, out: crate::media::PipelineOutput) {
+    /// New 16 kHz audio and its VAD readings: buffer, turn events, streaming prefill.
+    fn take_audio(&mut self, out: crate::media::PipelineOutput) {
         self.buffer.samples.extend_from_slice(&out.samples);
         for reading in out.vad {
             let Some(turn) = self.turn.as_mut() else { break };

@@ -170,9 +170,9 @@ impl Session {
     }
 
     /// `conversation.item.truncate`: the assistant item keeps only what the user heard.
-    /// hark does not speak yet, so an assistant item holds no audio: what was heard of it
-    /// is nothing, the only valid cut is `audio_end_ms: 0`, and it removes the item's text
-    /// from the conversation and so from the model's context (the user never heard it).
+    /// For a spoken item, the transcript keeps the segments that had started playing by
+    /// `audio_end_ms`; the rest leaves the conversation and so the model's context. A
+    /// text item has no audio: the only valid cut is `audio_end_ms: 0`, which empties it.
     pub(super) fn truncate_item(&mut self, item_id: String, content_index: u32, audio_end_ms: u64) -> Result<(), ProtocolError> {
         if self.response.as_ref().is_some_and(|r| r.has_output(&item_id)) {
             return Err(ProtocolError::new("invalid_value", "The item is still being generated; cancel the response first.").param("item_id"));
@@ -189,17 +189,29 @@ impl Session {
             )
             .param("content_index"));
         }
-        let audio_ms = 0; // no spoken output yet
+        let marks = match ci.payloads.get(content_index as usize) {
+            Some(conversation::Payload::Spoken(m)) => Some(m.clone()),
+            _ => None,
+        };
+        let audio_ms = marks.as_ref().map_or(0, |m| m.duration_ms());
         if audio_end_ms > audio_ms {
             return Err(ProtocolError::new(
                 "invalid_value",
-                format!("audio_end_ms {audio_end_ms} is past the end of the item's audio ({audio_ms} ms): hark has not spoken this item."),
+                format!("audio_end_ms {audio_end_ms} is past the end of the item's audio ({audio_ms} ms)."),
             )
             .param("audio_end_ms"));
         }
         if let Some(part) = ci.item.content.as_mut().and_then(|c| c.get_mut(content_index as usize)) {
-            if part.text.is_some() {
-                part.text = Some(String::new());
+            match (&marks, part.transcript.as_mut()) {
+                (Some(m), Some(Some(t))) => {
+                    let keep = m.transcript_len_at(audio_end_ms).min(t.len());
+                    t.truncate(keep);
+                }
+                _ => {
+                    if part.text.is_some() {
+                        part.text = Some(String::new());
+                    }
+                }
             }
         }
         self.events.push(ServerEvent::ConversationItemTruncated { item_id, content_index, audio_end_ms });

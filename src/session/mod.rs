@@ -53,6 +53,10 @@ pub enum SessionInput {
     /// A sampled camera frame (WebRTC video), as a `data:image/jpeg;base64,…` URL sized
     /// to the frame budget, `at_ms` after the call began.
     CameraFrame { data_url: String, at_ms: u64 },
+    /// Audio from a local source (the microphone), mono at the session's input rate.
+    LocalAudio(Vec<f32>),
+    /// A client attaches to this running session: it gets the session as it is now.
+    Describe(tokio::sync::oneshot::Sender<crate::protocol::SessionInfo>),
 }
 
 /// Makes one voice detector per session.
@@ -89,6 +93,8 @@ pub struct SessionDeps {
     pub agents: Arc<crate::tools::AgentSet>,
     /// How long a client gets to answer a call of a tool it declared.
     pub client_tool_timeout: std::time::Duration,
+    /// Speech out for responses that ask for audio; `None`: speech is off.
+    pub speech: Option<Arc<crate::speech::SpeechEngine>>,
 }
 
 /// Shortest audio a manual commit accepts (the protocol's rule).
@@ -190,6 +196,19 @@ impl Session {
         s
     }
 
+    /// Sets the input format (the local session takes 16 kHz samples from the microphone).
+    pub fn with_input_format(mut self, format: crate::media::AudioFormat) -> Self {
+        self.settings.input_format = format;
+        self.rebuild_audio_path();
+        self
+    }
+
+    /// Sets the output modalities (the local session speaks when it has a speaker).
+    pub fn with_output_modalities(mut self, modalities: Vec<String>) -> Self {
+        self.settings.output_modalities = modalities;
+        self
+    }
+
     /// Runs until the client goes away or `shutdown` fires. Returns the conversation
     /// as it ended (every tool call answered), for whoever wants to look.
     pub async fn run(mut self, mut input: mpsc::Receiver<SessionInput>, out: mpsc::Sender<ServerEvent>, shutdown: CancellationToken) -> Conversation {
@@ -209,6 +228,7 @@ impl Session {
                     break;
                 }
                 ev = next_backend_event(&mut self.backend_rx) => self.on_backend_event(ev),
+                ev = next_speech_event(&mut self.response) => self.on_speech_event(ev),
                 p = next_end_of_turn(&mut self.streaming) => self.on_end_of_turn(p),
                 Some((call_id, output)) = self.tool_results_rx.recv() => self.on_tool_result(call_id, output),
                 _ = sleep_until(self.calls.next_deadline()) => self.expire_client_calls(),
@@ -217,6 +237,14 @@ impl Session {
                     Some(SessionInput::Invalid(err)) => self.events.push(ServerEvent::from_protocol_error(err)),
                     Some(SessionInput::TrackAudio { rate, samples }) => self.append_track_audio(rate, &samples),
                     Some(SessionInput::CameraFrame { data_url, at_ms }) => self.add_camera_frame(data_url, at_ms),
+                    Some(SessionInput::LocalAudio(samples)) => {
+                        if let Err(e) = self.append_samples(&samples) {
+                            self.events.push(ServerEvent::from_protocol_error(e));
+                        }
+                    }
+                    Some(SessionInput::Describe(reply)) => {
+                        let _ = reply.send(self.settings.info());
+                    }
                     None => break,
                 },
             }
@@ -256,6 +284,13 @@ impl Session {
             _ => self.answer_unrun(calls, Unanswered::ResponseCancelled),
         }
         self.settle_response();
+    }
+
+    fn on_speech_event(&mut self, ev: Option<crate::speech::SpeechEvent>) {
+        let Some(run) = self.response.as_mut() else { return };
+        if run.on_speech_event(ev, &mut self.conversation, &mut self.events) {
+            self.settle_response();
+        }
     }
 
     fn handle(&mut self, env: ClientEnvelope) {
@@ -306,7 +341,8 @@ impl Session {
                     Ok(())
                 }
             },
-            // hark sends no output audio, so there is never anything to clear.
+            // Over WebSocket the client holds the played audio; hark keeps no output
+            // buffer to clear (the client truncates the item with what it played).
             ClientEvent::OutputAudioBufferClear {} => Ok(()),
         };
         if let Err(e) = result {
@@ -410,7 +446,19 @@ impl Session {
             .or(params.modalities.clone())
             .unwrap_or_else(|| self.settings.output_modalities.clone());
         let routing = self.tool_routing(&params);
-        let run = ResponseRun::start(
+        let speech = if modalities.iter().any(|m| m == "audio") {
+            if self.deps.speech.is_none() {
+                self.events.push(ServerEvent::server_error(
+                    "speech_unavailable",
+                    "This response asked for audio, but hark has no speech engine (speech.engine in config.yaml); it answers in text.",
+                    None,
+                ));
+            }
+            self.deps.speech.clone()
+        } else {
+            None
+        };
+        let mut run = ResponseRun::start(
             in_conversation,
             modalities,
             max_tokens,
@@ -419,6 +467,9 @@ impl Session {
             self.conversation_id.clone(),
             &mut self.events,
         );
+        if let Some(engine) = speech {
+            run.speak(crate::speech::SpeechStream::start(engine, run.cancel.child_token()));
+        }
         self.backend_rx = Some(self.deps.backend.generate(request, run.cancel.clone()));
         self.response = Some(run);
         Ok(())
@@ -517,6 +568,13 @@ impl Session {
 async fn sleep_until(deadline: Option<std::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_speech_event(run: &mut Option<ResponseRun>) -> Option<crate::speech::SpeechEvent> {
+    match run.as_mut().and_then(ResponseRun::speech_mut) {
+        Some(s) => s.next().await,
         None => std::future::pending().await,
     }
 }

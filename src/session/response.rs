@@ -10,15 +10,27 @@
 //! one has) are `mcp_call` items: the response stays open while they run
 //! ([`Step::AwaitingTools`]) and each item is done when its output is in, so that
 //! `response.done` carries every result and clients never try to run hark's tools.
+//!
+//! A response that speaks (`output_modalities: ["audio"]` with a speech engine) feeds
+//! the model's text to a [`SpeechStream`] instead of sending text deltas: its message
+//! has one `output_audio` part, filled by `response.output_audio.delta` (24 kHz pcm16)
+//! and `response.output_audio_transcript.delta` (the words of each spoken segment)
+//! as segments are synthesized. The item, and the response, end once the last segment
+//! is out, so `response.done` carries the full transcript.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine;
 
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::calls::CallAnswer;
-use super::conversation::{Conversation, ConversationItem, Payload};
+use super::conversation::{Conversation, ConversationItem, Payload, SpokenMarks};
 use crate::model::{BackendEvent, FinishReason, TokenUsage};
+use crate::speech::{SpeechEvent, SpeechStream};
 use crate::protocol::{
     new_id, ContentPart, Item, ItemKind, ItemStatus, MaxTokens, ResponseInfo, ResponseStatus, Role, ServerEvent, Usage,
 };
@@ -80,8 +92,24 @@ pub enum Step {
     Done,
 }
 
+/// 24 kHz samples per `response.output_audio.delta` (200 ms).
+const AUDIO_DELTA_SAMPLES: usize = 4800;
+
+/// The spoken form of a message.
+#[derive(Debug, Default)]
+struct AudioOut {
+    transcript: String,
+    marks: SpokenMarks,
+    /// 24 kHz samples sent so far.
+    samples: u64,
+    /// The speech stage still has text to speak.
+    speaking: bool,
+    /// How the item closes once speech ends (it was closed while still speaking).
+    close_as: Option<ItemStatus>,
+}
+
 enum Output {
-    Message { item: Item, text: String, open: bool },
+    Message { item: Item, text: String, open: bool, audio: Option<AudioOut> },
     /// A `function_call` or `mcp_call` item (`item.kind` says which). `open`: the model
     /// is still writing its arguments; `answered`: an `mcp_call`'s output is in.
     Call { item: Item, backend_index: usize, args: String, open: bool, answered: bool },
@@ -103,6 +131,12 @@ pub struct ResponseRun {
     finish: Option<(ResponseStatus, Option<Value>, Option<TokenUsage>)>,
     /// `response.done` was sent.
     done: bool,
+    /// The speech stage, for a response that speaks.
+    speech: Option<SpeechStream>,
+    /// The output that is being spoken (the first message).
+    speech_item: Option<usize>,
+    /// When the first text reached the speech stage (for the first-audio latency log).
+    first_text_at: Option<Instant>,
 }
 
 impl ResponseRun {
@@ -128,9 +162,96 @@ impl ResponseRun {
             conversation_id,
             finish: None,
             done: false,
+            speech: None,
+            speech_item: None,
+            first_text_at: None,
         };
         events.push(ServerEvent::ResponseCreated { response: run.info(ResponseStatus::InProgress, None, None) });
         run
+    }
+
+    /// Makes this response speak: its first message's text goes to `speech`.
+    pub fn speak(&mut self, speech: SpeechStream) {
+        self.speech = Some(speech);
+    }
+
+    /// The speech stage, while it has something to give out.
+    pub fn speech_mut(&mut self) -> Option<&mut SpeechStream> {
+        self.speech.as_mut()
+    }
+
+    /// Whether the message being spoken still has speech to come.
+    pub fn speaking(&self) -> bool {
+        self.speech_item.is_some_and(|i| matches!(&self.outputs[i], Output::Message { audio: Some(a), .. } if a.speaking))
+    }
+
+    /// Feeds one event of the speech stage (`None`: the stage ended). Returns `true`
+    /// when the speech is over (its message is then closed if the model is done with it).
+    pub fn on_speech_event(&mut self, ev: Option<SpeechEvent>, conv: &mut Conversation, events: &mut Vec<ServerEvent>) -> bool {
+        let Some(idx) = self.speech_item else {
+            self.speech = None;
+            return true;
+        };
+        let response_id = self.id.clone();
+        let Output::Message { item, audio: Some(a), .. } = &mut self.outputs[idx] else {
+            self.speech = None;
+            return true;
+        };
+        match ev {
+            Some(SpeechEvent::Segment { text, samples, synthesis_ms }) => {
+                let delta = if a.transcript.is_empty() { text } else { format!(" {text}") };
+                a.transcript.push_str(&delta);
+                let (item_id, output_index) = (item.id.clone(), idx as u32);
+                if a.samples == 0 {
+                    let since_text = self.first_text_at.map(|t| t.elapsed().as_millis()).unwrap_or(0);
+                    tracing::info!(response = %response_id, first_text_to_audio_ms = since_text as u64, synthesis_ms, "first audio");
+                }
+                events.push(ServerEvent::ResponseOutputAudioTranscriptDelta {
+                    response_id: response_id.clone(),
+                    item_id: item_id.clone(),
+                    output_index,
+                    content_index: 0,
+                    delta,
+                });
+                for chunk in samples.chunks(AUDIO_DELTA_SAMPLES) {
+                    let bytes = crate::media::codec::encode_pcm16(chunk);
+                    events.push(ServerEvent::ResponseOutputAudioDelta {
+                        response_id: response_id.clone(),
+                        item_id: item_id.clone(),
+                        output_index,
+                        content_index: 0,
+                        delta: base64::engine::general_purpose::STANDARD.encode(bytes),
+                    });
+                }
+                a.samples += samples.len() as u64;
+                a.marks.segments.push((a.samples, a.transcript.len()));
+                false
+            }
+            Some(SpeechEvent::Error(e)) => {
+                tracing::warn!(response = %response_id, "speech: {e}");
+                events.push(ServerEvent::server_error("speech_failed", format!("A sentence could not be spoken: {e}"), None));
+                false
+            }
+            Some(SpeechEvent::Done) | None => {
+                a.speaking = false;
+                let close_as = a.close_as.take();
+                self.speech = None;
+                if let Some(status) = close_as {
+                    self.close(idx, status, conv, events);
+                }
+                true
+            }
+        }
+    }
+
+    /// Stops speaking at once (cancel, failure): what was spoken stays the transcript.
+    fn stop_speech(&mut self) {
+        if let Some(s) = self.speech.take() {
+            s.cancel();
+        }
+        if let Some(Output::Message { audio: Some(a), .. }) = self.speech_item.map(|i| &mut self.outputs[i]) {
+            a.speaking = false;
+        }
     }
 
     fn info(&self, status: ResponseStatus, details: Option<Value>, usage: Option<TokenUsage>) -> ResponseInfo {
@@ -168,8 +289,15 @@ impl ResponseRun {
                     None => self.open_message(conv, events),
                 };
                 let output_index = idx as u32;
-                if let Output::Message { item, text, .. } = &mut self.outputs[idx] {
+                if let Output::Message { item, text, audio, .. } = &mut self.outputs[idx] {
                     text.push_str(&delta);
+                    if audio.is_some() {
+                        if let Some(s) = self.speech.as_mut() {
+                            self.first_text_at.get_or_insert_with(Instant::now);
+                            s.push(&delta);
+                        }
+                        return Step::Generating;
+                    }
                     events.push(ServerEvent::ResponseOutputTextDelta {
                         response_id: self.id.clone(),
                         item_id: item.id.clone(),
@@ -230,6 +358,7 @@ impl ResponseRun {
                 self.conclude(events)
             }
             BackendEvent::Error(err) => {
+                self.stop_speech();
                 self.close_all(ItemStatus::Incomplete, conv, events);
                 tracing::warn!(response = %self.id, "backend failed: {err}");
                 let message = err.client_message();
@@ -243,7 +372,7 @@ impl ResponseRun {
 
     /// The model is done: the response ends now, or once its hark-run calls are answered.
     fn conclude(&mut self, events: &mut Vec<ServerEvent>) -> Step {
-        if self.calls_running() > 0 {
+        if self.calls_running() > 0 || self.speaking() {
             return Step::AwaitingTools;
         }
         self.finish_done(events);
@@ -304,6 +433,11 @@ impl ResponseRun {
         self.finish.is_some() && !self.done
     }
 
+    /// Whether hark ran any call of this response.
+    pub fn has_hark_calls(&self) -> bool {
+        self.outputs.iter().any(|o| matches!(o, Output::Call { item, .. } if item.kind == ItemKind::McpCall))
+    }
+
     /// Whether the client runs any call of this response (then the client, not hark,
     /// creates the next response once it has answered).
     pub fn has_client_calls(&self) -> bool {
@@ -340,6 +474,7 @@ impl ResponseRun {
     /// calls that will not run, then calls [`Self::finish_done`].
     pub fn stop(&mut self, reason: CancelReason, conv: &mut Conversation, events: &mut Vec<ServerEvent>) {
         self.cancel.cancel();
+        self.stop_speech();
         self.close_all(ItemStatus::Incomplete, conv, events);
         let usage = self.finish.take().and_then(|f| f.2);
         self.finish = Some((ResponseStatus::Cancelled, Some(json!({"type": "cancelled", "reason": reason.as_str()})), usage));
@@ -348,13 +483,19 @@ impl ResponseRun {
     fn open_message(&mut self, conv: &mut Conversation, events: &mut Vec<ServerEvent>) -> usize {
         let item = Item::message(new_id("item"), ItemStatus::InProgress, Role::Assistant, Vec::new());
         let item_id = item.id.clone();
-        let idx = self.add_output(Output::Message { item, text: String::new(), open: true }, conv, events);
+        // Only the first message speaks (a model writes one per turn in practice).
+        let spoken = self.speech.is_some() && self.speech_item.is_none();
+        let audio = spoken.then(|| AudioOut { speaking: true, ..Default::default() });
+        let idx = self.add_output(Output::Message { item, text: String::new(), open: true, audio }, conv, events);
+        if spoken {
+            self.speech_item = Some(idx);
+        }
         events.push(ServerEvent::ResponseContentPartAdded {
             response_id: self.id.clone(),
             item_id,
             output_index: idx as u32,
             content_index: 0,
-            part: json!({"type": "text", "text": ""}),
+            part: if spoken { json!({"type": "output_audio", "transcript": ""}) } else { json!({"type": "text", "text": ""}) },
         });
         self.text_output = Some(idx);
         idx
@@ -392,8 +533,47 @@ impl ResponseRun {
     fn close(&mut self, idx: usize, status: ItemStatus, conv: &mut Conversation, events: &mut Vec<ServerEvent>) {
         let response_id = self.id.clone();
         let output_index = idx as u32;
+        if let Output::Message { audio: Some(a), open: true, .. } = &mut self.outputs[idx] {
+            if a.speaking {
+                // The model is done with the message; the voice is not. It closes when
+                // the last segment is out (see `on_speech_event`).
+                a.close_as = Some(status);
+                if let Some(s) = self.speech.as_mut() {
+                    s.finish();
+                }
+                return;
+            }
+        }
+        let mut spoken = None;
         let done_item = match &mut self.outputs[idx] {
-            Output::Message { item, text, open } => {
+            Output::Message { item, open, audio: Some(a), .. } => {
+                if !*open {
+                    return;
+                }
+                *open = false;
+                let (item_id, transcript) = (item.id.clone(), a.transcript.clone());
+                let ids = (response_id.clone(), item_id.clone(), output_index);
+                events.push(ServerEvent::ResponseOutputAudioDone { response_id: ids.0.clone(), item_id: ids.1.clone(), output_index, content_index: 0 });
+                events.push(ServerEvent::ResponseOutputAudioTranscriptDone {
+                    response_id: ids.0.clone(),
+                    item_id: ids.1.clone(),
+                    output_index,
+                    content_index: 0,
+                    transcript: transcript.clone(),
+                });
+                events.push(ServerEvent::ResponseContentPartDone {
+                    response_id: ids.0,
+                    item_id,
+                    output_index,
+                    content_index: 0,
+                    part: json!({"type": "output_audio", "transcript": transcript}),
+                });
+                item.status = status;
+                item.content = Some(vec![ContentPart::output_audio(transcript)]);
+                spoken = Some(Payload::Spoken(Arc::new(std::mem::take(&mut a.marks))));
+                item.clone()
+            }
+            Output::Message { item, text, open, audio: None } => {
                 if !*open {
                     return;
                 }
@@ -460,7 +640,10 @@ impl ResponseRun {
         events.push(ServerEvent::ResponseOutputItemDone { response_id, output_index, item: done_item.clone() });
         if self.in_conversation {
             if let Some(ci) = conv.get_mut(&done_item.id) {
-                ci.payloads = vec![Payload::None; done_item.content.as_ref().map_or(0, Vec::len)];
+                ci.payloads = match spoken {
+                    Some(p) => vec![p],
+                    None => vec![Payload::None; done_item.content.as_ref().map_or(0, Vec::len)],
+                };
                 ci.item = done_item.clone();
                 events.push(ServerEvent::ConversationItemDone { previous_item_id: None, item: done_item });
             }

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod pulse;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -218,6 +220,7 @@ pub fn test_config(model_base_url: &str) -> Config {
     c.backend.kind = hark::config::BackendKind::Openai;
     c.audio.onnxruntime_library = repo_root().join("vendor/libonnxruntime.so");
     c.audio.silero_model = repo_root().join("vendor/silero_vad.onnx");
+    c.speech.piper.model = repo_root().join("vendor/en_US-joe-medium.onnx");
     c.backend.openai.base_url = model_base_url.to_string();
     c.backend.openai.model = "scripted".into();
     c.backend.openai.first_token_timeout_ms = 10_000;
