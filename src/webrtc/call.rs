@@ -260,12 +260,21 @@ impl CallTask {
                     ev = out_rx.recv() => {
                         let Some(ev) = ev else { break "the session ended" };
                         observer.observe(&ev);
-                        // Speech output hook: when the session emits its spoken answer
-                        // (`response.output_audio.delta`, 24 kHz PCM16 base64), decode it
-                        // and queue it with `ctx.calls.audio_out(&call_id)`'s
-                        // `AudioOut::send_24k`; the track then carries it instead of
-                        // silence. (OpenAI's WebRTC flow sends that audio on the track
-                        // only, not as data channel events.)
+                        // The spoken answer (24 kHz PCM16, base64) goes out on the Opus
+                        // track instead of silence; as in OpenAI's WebRTC flow the audio
+                        // itself is not sent as data channel events.
+                        if let ServerEvent::ResponseOutputAudioDelta { delta, .. } = &ev {
+                            if let Some(out) = ctx.calls.audio_out(&call_id) {
+                                use base64::Engine;
+                                let bytes = base64::engine::general_purpose::STANDARD.decode(delta).unwrap_or_default();
+                                let samples: Vec<f32> =
+                                    bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / 32768.0).collect();
+                                if !out.send_24k(&samples).await {
+                                    break "the call's audio track closed";
+                                }
+                            }
+                            continue;
+                        }
                         // The camera samples faster while the user speaks.
                         match &ev {
                             ServerEvent::InputAudioBufferSpeechStarted { .. } => video.speaking.store(true, Ordering::Relaxed),
