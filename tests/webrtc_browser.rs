@@ -185,3 +185,24 @@ async fn built_in_page_shows_the_answer() {
     until(Duration::from_secs(10), "the call to end", || hark.state.calls.open_count() == 0).await;
     assert!(hark.state.calls.ended().pop().unwrap().frames_sampled >= 1, "camera frames entered the context");
 }
+
+/// A session that asks for spoken answers hears them on hark's Opus track: the page's
+/// received audio carries energy (silence carries none), the transcript arrives on the
+/// data channel, and the audio itself does not (as in OpenAI's WebRTC flow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spoken_answer_plays_on_the_track() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let wav = speech_48k(dir.path(), "Hello hark. Say something please.", 1.0, 2.0);
+    let y4m = test_video(dir.path());
+    let (_model, hark) = start_hark(2, (0.5, 0.2)).await;
+    let r = run_browser("openai", &hark, &wav, &y4m, dir.path(), &[("AUDIO_OUT", "1"), ("HOLD_MS", "9000")]);
+    assert_eq!(r["how"], "response.done", "the page saw no response.done: {r}");
+    let events = r["events"].as_array().unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert!(types.contains(&"response.output_audio_transcript.delta"), "{types:?}");
+    assert!(!types.contains(&"response.output_audio.delta"), "audio belongs on the track: {types:?}");
+    let energy = r["inboundAudio"]["energy"].as_f64().unwrap_or(0.0);
+    eprintln!("received audio energy {energy}");
+    assert!(energy > 1e-3, "hark's track carried no speech: {}", r["inboundAudio"]);
+}

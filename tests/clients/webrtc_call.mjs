@@ -58,7 +58,9 @@ try {
     await page.goto(`${base}/healthz`);
     const key = await mintSecret();
     const holdMs = Number(process.env.HOLD_MS || 0);
-    Object.assign(result, await page.evaluate(async ({ base, key, waitMs, holdMs }) => {
+    // AUDIO_OUT=1: the session asks for spoken answers (they come on hark's track).
+    const audioOut = process.env.AUDIO_OUT === '1';
+    Object.assign(result, await page.evaluate(async ({ base, key, waitMs, holdMs, audioOut }) => {
       const t0 = performance.now();
       const events = [];
       const pc = new RTCPeerConnection();
@@ -99,7 +101,9 @@ try {
       const mic = await navigator.mediaDevices.getUserMedia({ audio: true });
       await audio.sender.replaceTrack(mic.getAudioTracks()[0]);
       const micAt = performance.now() - t0;
-      dc.send(JSON.stringify({ type: 'session.update', session: { type: 'realtime', instructions: 'Be brief.' } }));
+      const update = { type: 'realtime', instructions: 'Be brief.' };
+      if (audioOut) update.output_modalities = ['audio'];
+      dc.send(JSON.stringify({ type: 'session.update', session: update }));
       // A client image larger than SCTP's default 64 KiB message (noise does not compress).
       const canvas = document.createElement('canvas');
       canvas.width = 160; canvas.height = 160;
@@ -119,13 +123,13 @@ try {
       // hark's audio track: RTP packets that arrived and decoded.
       let inboundAudio = null;
       (await pc.getStats()).forEach((r) => {
-        if (r.type === 'inbound-rtp' && r.kind === 'audio') inboundAudio = { packets: r.packetsReceived, samples: r.totalSamplesReceived, lost: r.packetsLost };
+        if (r.type === 'inbound-rtp' && r.kind === 'audio') inboundAudio = { packets: r.packetsReceived, samples: r.totalSamplesReceived, lost: r.packetsLost, energy: r.totalAudioEnergy };
       });
       pc.close();
       mic.getTracks().forEach((t) => t.stop());
       camera.getTracks().forEach((t) => t.stop());
       return { status, location, how, state, remote, micAt, imageBytes, inboundAudio, events };
-    }, { base, key, waitMs, holdMs }));
+    }, { base, key, waitMs, holdMs, audioOut }));
     // A reused key is refused.
     const again = await fetch(`${base}/v1/realtime/calls`, {
       method: 'POST', body: 'v=0', headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/sdp' },
