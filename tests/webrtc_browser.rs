@@ -43,7 +43,9 @@ async fn openai_style_page_talks_over_webrtc() {
     // hark's track streams (silence for now) for the whole call: 50 packets a second.
     let inbound = &r["inboundAudio"];
     let seconds = (r["events"].as_array().unwrap().last().unwrap()["at"].as_f64().unwrap() - r["micAt"].as_f64().unwrap()) / 1000.0;
-    assert!(inbound["packets"].as_f64().unwrap() > 40.0 * seconds, "{inbound} over {seconds:.1} s");
+    // (Half the nominal rate: four browsers on two loaded cores deliver late, and this
+    // checks that the track streams for the whole call, not its pacing.)
+    assert!(inbound["packets"].as_f64().unwrap() > 25.0 * seconds, "{inbound} over {seconds:.1} s");
     assert!(inbound["samples"].as_f64().unwrap() > 0.0, "Chromium decoded hark's Opus: {inbound}");
 
     // hark's side: the peer connected, and the call ended when the page closed it.

@@ -46,6 +46,29 @@ async function mintSecret() {
 }
 
 // Launched as a server so that `vanish` can kill the browser's process outright.
+
+// One plain call from inside the page (mic + oai-events), as the cycles and vanish
+// modes make it: resolves once session.created arrives (created: false after 10 s).
+const OPEN_CALL = async () => {
+  window.openCall = async (base, key) => {
+    const pc = new RTCPeerConnection();
+    const mic = await navigator.mediaDevices.getUserMedia({ audio: true });
+    pc.addTrack(mic.getAudioTracks()[0], mic);
+    const dc = pc.createDataChannel('oai-events');
+    const created = new Promise((resolve) => dc.addEventListener('message', (e) => {
+      if (JSON.parse(e.data).type === 'session.created') resolve(true);
+    }));
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription(offer);
+    const r = await fetch(`${base}/v1/realtime/calls`, {
+      method: 'POST', body: offer.sdp, headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/sdp' },
+    });
+    if (r.status !== 201) return { status: r.status, pc, mic };
+    await pc.setRemoteDescription({ type: 'answer', sdp: await r.text() });
+    const ok = await Promise.race([created, new Promise((res) => setTimeout(() => res(false), 10000))]);
+    return { status: 201, created: ok, pc, mic };
+  };
+};
 const server = await chromium.launchServer({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', args });
 const browser = await chromium.connect(server.wsEndpoint());
 const result = { mode };
@@ -137,51 +160,27 @@ try {
     result.reuse = { status: again.status, body: await again.json() };
   } else if (mode === 'cycles') {
     await page.goto(`${base}/healthz`);
+    await page.evaluate(OPEN_CALL);
     const n = Number(process.env.CYCLES || 20);
     result.cycles = [];
     for (let i = 0; i < n; i++) {
       const key = await mintSecret();
       result.cycles.push(await page.evaluate(async ({ base, key }) => {
-        const pc = new RTCPeerConnection();
-        const mic = await navigator.mediaDevices.getUserMedia({ audio: true });
-        pc.addTrack(mic.getAudioTracks()[0], mic);
-        const dc = pc.createDataChannel('oai-events');
-        const created = new Promise((resolve) => dc.addEventListener('message', (e) => {
-          if (JSON.parse(e.data).type === 'session.created') resolve(true);
-        }));
-        const offer = await pc.createOffer();
-        await pc.setLocalDescription(offer);
-        const r = await fetch(`${base}/v1/realtime/calls`, {
-          method: 'POST', body: offer.sdp, headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/sdp' },
-        });
-        if (r.status !== 201) return { status: r.status };
-        await pc.setRemoteDescription({ type: 'answer', sdp: await r.text() });
-        const ok = await Promise.race([created, new Promise((r) => setTimeout(() => r(false), 10000))]);
-        pc.close();
-        mic.getTracks().forEach((t) => t.stop());
-        return { status: 201, created: ok };
+        const c = await window.openCall(base, key);
+        if (c.status !== 201) return { status: c.status };
+        c.pc.close();
+        c.mic.getTracks().forEach((t) => t.stop());
+        return { status: 201, created: c.created };
       }, { base, key }));
     }
   } else if (mode === 'vanish') {
     await page.goto(`${base}/healthz`);
+    await page.evaluate(OPEN_CALL);
     const key = await mintSecret();
     Object.assign(result, await page.evaluate(async ({ base, key }) => {
-      const pc = new RTCPeerConnection();
-      const mic = await navigator.mediaDevices.getUserMedia({ audio: true });
-      pc.addTrack(mic.getAudioTracks()[0], mic);
-      const dc = pc.createDataChannel('oai-events');
-      const created = new Promise((resolve) => dc.addEventListener('message', (e) => {
-        if (JSON.parse(e.data).type === 'session.created') resolve(true);
-      }));
-      const offer = await pc.createOffer();
-      await pc.setLocalDescription(offer);
-      const r = await fetch(`${base}/v1/realtime/calls`, {
-        method: 'POST', body: offer.sdp, headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/sdp' },
-      });
-      if (r.status !== 201) return { status: r.status };
-      await pc.setRemoteDescription({ type: 'answer', sdp: await r.text() });
-      const ok = await Promise.race([created, new Promise((r) => setTimeout(() => r(false), 10000))]);
-      return { status: 201, created: ok };
+      const c = await window.openCall(base, key);
+      window.vanishingCall = c; // kept open (and referenced) until the browser is killed
+      return { status: c.status, created: c.created };
     }, { base, key }));
     server.process().kill('SIGKILL');
     result.killed = true;
