@@ -40,7 +40,7 @@ async fn openai_style_page_talks_over_webrtc() {
     assert!(r["location"].as_str().unwrap().starts_with("/v1/realtime/calls/rtc_"), "{r}");
     assert_eq!(r["how"], "response.done", "the page saw no response.done: {r}");
     assert_eq!(r["remote"], "audio", "hark's audio track reached the page: {r}");
-    // hark's track streams (silence for now) for the whole call: 50 packets a second.
+    // hark's track streams (silence while nothing is spoken) for the whole call: 50 packets a second.
     let inbound = &r["inboundAudio"];
     let seconds = (r["events"].as_array().unwrap().last().unwrap()["at"].as_f64().unwrap() - r["micAt"].as_f64().unwrap()) / 1000.0;
     // (Half the nominal rate: four browsers on two loaded cores deliver late, and this
