@@ -94,6 +94,8 @@ impl AppState {
         if let Some(s) = &speech {
             tracing::info!("speech out: {}", s.name());
         }
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        metrics.set_context_limit(config.session.context.max_tokens);
         let deps = SessionDeps {
             defaults: SessionSettings::from_config(&config),
             backend,
@@ -109,6 +111,7 @@ impl AppState {
             agents: Arc::new(agents),
             client_tool_timeout: Duration::from_millis(config.session.client_tool_timeout_ms),
             speech,
+            audio_drops: metrics.audio_frames_dropped.clone(),
         };
         let deps = Arc::new(deps);
         let shutdown = CancellationToken::new();
@@ -116,8 +119,6 @@ impl AppState {
             crate::config::AudioInputKind::None => None,
             crate::config::AudioInputKind::Mic => Some(start_local_session(&config, deps.clone(), shutdown.clone())?),
         };
-        let metrics = Arc::new(crate::metrics::Metrics::default());
-        metrics.set_context_limit(config.session.context.max_tokens);
         Ok(Self {
             local,
             session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),
@@ -147,7 +148,7 @@ fn start_local_session(config: &Config, deps: Arc<SessionDeps>, shutdown: Cancel
             Some(s)
         }
     };
-    let (microphone, rx) = crate::sources::mic::Microphone::start(mic);
+    let (microphone, rx) = crate::sources::mic::Microphone::start(mic, deps.audio_drops.clone());
     Ok(local::LocalSession::start(deps, rx, Box::new(microphone), speaker, shutdown))
 }
 
