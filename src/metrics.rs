@@ -7,6 +7,7 @@
 //! same way, and the session code knows nothing of metrics.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -49,10 +50,12 @@ pub struct SourceLabel {
 }
 
 /// Audio lost before it reached a session's buffer (or pushed out of it), counted in
-/// 40 ms frames (the model's 640-sample frame at 16 kHz) by cause. A handle the audio
-/// paths keep (the session, the microphone): clones count into the same counters.
+/// 40 ms frames (the model's 640-sample frame at 16 kHz) by cause. The count is the
+/// audio's length over 40 ms, so it can be fractional: drops come in pieces of any
+/// length and rounding each up would overcount. A handle the audio paths keep (the
+/// session, the microphone): clones count into the same counters.
 #[derive(Clone, Debug, Default)]
-pub struct AudioDrops(Family<SourceLabel, Counter>);
+pub struct AudioDrops(Family<SourceLabel, Counter<f64, AtomicU64>>);
 
 impl AudioDrops {
     /// `input_buffer_full`: the input buffer passed `audio.max_buffer_seconds` and its
@@ -60,9 +63,8 @@ impl AudioDrops {
     /// size limit was refused. `mic_ring_overrun`: the capture callback found the ring
     /// full. `mic_queue_full`: the session fell behind the microphone.
     pub fn count(&self, source: &str, samples: u64, rate: u32) {
-        let frames = (samples * 25).div_ceil(rate.max(1) as u64);
-        if frames > 0 {
-            self.0.get_or_create(&SourceLabel { source: source.into() }).inc_by(frames);
+        if samples > 0 {
+            self.0.get_or_create(&SourceLabel { source: source.into() }).inc_by(samples as f64 * 25.0 / rate.max(1) as f64);
         }
     }
 }
@@ -276,16 +278,16 @@ mod tests {
     }
 
     #[test]
-    fn dropped_audio_counts_whole_40ms_frames() {
+    fn dropped_audio_counts_40ms_frames() {
         let m = Metrics::default();
         let drops = m.audio_frames_dropped.clone();
         drops.count("input_buffer_full", 640, 16_000);
-        drops.count("input_buffer_full", 641, 16_000);
-        drops.count("mic_ring_overrun", 1, 48_000);
+        drops.count("input_buffer_full", 320, 16_000);
+        drops.count("mic_ring_overrun", 480, 48_000);
         drops.count("mic_queue_full", 0, 16_000);
         let text = m.render();
-        assert!(text.contains(r#"hark_audio_frames_dropped_total{source="input_buffer_full"} 3"#), "{text}");
-        assert!(text.contains(r#"hark_audio_frames_dropped_total{source="mic_ring_overrun"} 1"#), "{text}");
+        assert!(text.contains(r#"hark_audio_frames_dropped_total{source="input_buffer_full"} 1.5"#), "{text}");
+        assert!(text.contains(r#"hark_audio_frames_dropped_total{source="mic_ring_overrun"} 0.25"#), "{text}");
         assert!(!text.contains("mic_queue_full"), "{text}");
     }
 }

@@ -113,7 +113,7 @@ async fn dropped_audio_frames_are_counted_by_cause() {
     assert!(before.get(full).is_none() && before.get(large).is_none(), "{before}");
 
     // Manual turns: nothing trims the buffer but its cap. 3 s of 24 kHz audio into a
-    // 1 s buffer: 2 s (50 frames) go, give or take the resampler's latency.
+    // 1 s buffer: 2 s (50 frames) go, less what the resampler still holds.
     let mut c = Client::connect(&hark.ws_url()).await;
     c.send(json!({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"turn_detection": null}}}})).await;
     c.until("session.updated").await;
@@ -131,7 +131,7 @@ async fn dropped_audio_frames_are_counted_by_cause() {
 
     let after = scrape().await;
     let dropped = after[full].as_f64().unwrap_or_else(|| panic!("no {full} in {after}"));
-    assert!((48.0..=50.0).contains(&dropped), "2 s of 3 s should have been dropped, got {dropped} frames: {after}");
-    // 7 865 856 samples at 24 kHz = 327.7 s = 8194 frames of 40 ms, rounded up.
-    assert_eq!(after[large], 8194.0, "{after}");
+    assert!((49.0..=50.0).contains(&dropped), "2 s of 3 s should have been dropped, got {dropped} frames: {after}");
+    // 7 865 856 samples at 24 kHz = 327.744 s = 8193.6 frames of 40 ms.
+    assert_eq!(after[large], 7_865_856.0 * 25.0 / 24_000.0, "{after}");
 }
