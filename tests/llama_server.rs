@@ -226,6 +226,17 @@ async fn hark_and_llama_cpp_agree_and_audio_reaches_llama_cpp() {
     let text = "The quick brown fox jumps over the lazy dog.";
     let mut prompt = vec![2u32]; // <bos>
     prompt.extend(tokenizer.encode(text).unwrap());
+    // The same text gives the same ids on both sides (so ids stand for the text below).
+    let tokenized: Value = http
+        .post(format!("{}/tokenize", llama.base_url()))
+        .json(&json!({"content": text, "add_special": false}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tokenized["tokens"], json!(prompt[1..]), "llama.cpp tokenized {text:?} differently");
     let r: Value = http
         .post(format!("{}/completion", llama.base_url()))
         .json(&json!({
