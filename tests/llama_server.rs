@@ -198,6 +198,35 @@ fn hark_greedy(ckpt: &Path, prompt: &[u32], steps: usize) -> Vec<u32> {
     out
 }
 
+/// hark's embedded backend's engine (greedy, f32, CPU) answering one user message:
+/// the answer's text and the prompt ids it rendered (template + tokenizer).
+fn engine_greedy(ckpt: &Path, text: &str) -> (String, Vec<u32>) {
+    use hark::model::embedded::Engine;
+    use hark::model::engine::prompt::{render_with, ImageMode};
+    use hark::model::{BackendEvent, ChatMessage, GenerateRequest, UserPart};
+    let req = GenerateRequest {
+        instructions: INSTRUCTIONS.into(),
+        messages: vec![ChatMessage::User(vec![UserPart::Text(text.into())])],
+        ..Default::default()
+    };
+    let mut engine = Engine::load(&engine_settings(ckpt, GREEDY_STEPS as u32, 1), &Device::Cpu, DType::F32).unwrap();
+    let out = std::cell::RefCell::new(String::new());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    engine
+        .generate(&req, &cancel, &|ev| {
+            if let BackendEvent::TextDelta(t) = ev {
+                out.borrow_mut().push_str(&t);
+            }
+            true
+        })
+        .unwrap();
+    let rendered = render_with(&req, 70, true, ImageMode::CountOnly).unwrap();
+    let tokenizer = hark::model::gemma4::tokenizer::Gemma4Tokenizer::from_file(&ckpt.join("tokenizer.json")).unwrap();
+    let ids = tokenizer.encode(&rendered.text).unwrap();
+    assert_eq!(engine.last_prefill, (0, ids.len()), "the engine prefilled other ids than the rendered prompt's");
+    (out.into_inner(), ids)
+}
+
 /// The top logits hark gives after `prompt`, for explaining a disagreement.
 fn hark_top(ckpt: &Path, prompt: &[u32]) -> Vec<(u32, f32)> {
     let model = loader::load(ckpt, DType::F32, &Device::Cpu).unwrap();
@@ -255,6 +284,27 @@ async fn hark_and_llama_cpp_agree_and_audio_reaches_llama_cpp() {
     eprintln!("greedy ids: hark {ours:?}\n            llama.cpp {theirs:?}");
     assert_eq!(theirs.len(), GREEDY_STEPS, "llama.cpp stopped early ({}): {r}", r["stop_type"]);
     assert_eq!(ours, theirs, "hark's top logits after the prompt: {:?}", hark_top(&ckpt, &prompt));
+
+    // ── The same through hark's embedded backend: its engine renders a chat turn with
+    // Gemma 4's template and decodes greedily; llama.cpp continues the same prompt ids.
+    let (engine_text, prompt_ids) = engine_greedy(&ckpt, text);
+    let r: Value = http
+        .post(format!("{}/completion", llama.base_url()))
+        .json(&json!({
+            "prompt": prompt_ids, "n_predict": GREEDY_STEPS, "temperature": 0.0, "top_k": 1, "samplers": ["top_k"],
+            "cache_prompt": false, "return_tokens": true,
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let theirs: Vec<u32> = r["tokens"].as_array().unwrap_or_else(|| panic!("no tokens in {r}")).iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    assert_eq!(theirs.len(), GREEDY_STEPS, "llama.cpp stopped early ({}): {r}", r["stop_type"]);
+    let their_text = tokenizer.decode(&theirs).unwrap();
+    eprintln!("embedded engine: {engine_text:?}\nllama.cpp:       {their_text:?}");
+    assert_eq!(engine_text, their_text, "the embedded backend and llama.cpp continued {} prompt ids differently", prompt_ids.len());
 
     // ── A spoken realtime turn through hark's remote backend ──
     let mut cfg = test_config(&format!("{}/v1", llama.base_url()));
