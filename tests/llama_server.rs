@@ -109,6 +109,8 @@ struct LlamaServer {
 impl LlamaServer {
     async fn start(model: &Path, mmproj: &Path, log: PathBuf) -> LlamaServer {
         let bin = llama_dir().join("build/bin/llama-server");
+        // A port the OS just handed out and took back: free unless another process
+        // grabs it in the moment before llama-server binds (then the start fails loudly).
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new(bin)
             .arg("-m")
@@ -127,6 +129,26 @@ impl LlamaServer {
 
     fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// llama.cpp's greedy continuation of `prompt` (ids, read as they are), GREEDY_STEPS long.
+    async fn greedy(&self, prompt: &[u32]) -> Vec<u32> {
+        let r: Value = reqwest::Client::new()
+            .post(format!("{}/completion", self.base_url()))
+            .json(&json!({
+                "prompt": prompt, "n_predict": GREEDY_STEPS, "temperature": 0.0, "top_k": 1, "samplers": ["top_k"],
+                "cache_prompt": false, "return_tokens": true,
+            }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["tokens_evaluated"], prompt.len(), "llama.cpp must read exactly the prompt's ids (no extra BOS): {r}");
+        let ids: Vec<u32> = r["tokens"].as_array().unwrap_or_else(|| panic!("no tokens in {r}")).iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        assert_eq!(ids.len(), GREEDY_STEPS, "llama.cpp stopped early ({}): {r}", r["stop_type"]);
+        ids
     }
 
     /// llama.cpp's prompt tokens for the test's system message and one user turn of
@@ -266,42 +288,15 @@ async fn hark_and_llama_cpp_agree_and_audio_reaches_llama_cpp() {
         .await
         .unwrap();
     assert_eq!(tokenized["tokens"], json!(prompt[1..]), "llama.cpp tokenized {text:?} differently");
-    let r: Value = http
-        .post(format!("{}/completion", llama.base_url()))
-        .json(&json!({
-            "prompt": prompt, "n_predict": GREEDY_STEPS, "temperature": 0.0, "top_k": 1, "samplers": ["top_k"],
-            "cache_prompt": false, "return_tokens": true,
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(r["tokens_evaluated"], prompt.len(), "llama.cpp must read exactly the prompt's ids (no extra BOS): {r}");
-    let theirs: Vec<u32> = r["tokens"].as_array().unwrap_or_else(|| panic!("no tokens in {r}")).iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let theirs = llama.greedy(&prompt).await;
     let ours = hark_greedy(&ckpt, &prompt, GREEDY_STEPS);
     eprintln!("greedy ids: hark {ours:?}\n            llama.cpp {theirs:?}");
-    assert_eq!(theirs.len(), GREEDY_STEPS, "llama.cpp stopped early ({}): {r}", r["stop_type"]);
     assert_eq!(ours, theirs, "hark's top logits after the prompt: {:?}", hark_top(&ckpt, &prompt));
 
     // ── The same through hark's embedded backend: its engine renders a chat turn with
     // Gemma 4's template and decodes greedily; llama.cpp continues the same prompt ids.
     let (engine_text, prompt_ids) = engine_greedy(&ckpt, text);
-    let r: Value = http
-        .post(format!("{}/completion", llama.base_url()))
-        .json(&json!({
-            "prompt": prompt_ids, "n_predict": GREEDY_STEPS, "temperature": 0.0, "top_k": 1, "samplers": ["top_k"],
-            "cache_prompt": false, "return_tokens": true,
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let theirs: Vec<u32> = r["tokens"].as_array().unwrap_or_else(|| panic!("no tokens in {r}")).iter().map(|t| t.as_u64().unwrap() as u32).collect();
-    assert_eq!(theirs.len(), GREEDY_STEPS, "llama.cpp stopped early ({}): {r}", r["stop_type"]);
+    let theirs = llama.greedy(&prompt_ids).await;
     let their_text = tokenizer.decode(&theirs).unwrap();
     eprintln!("embedded engine: {engine_text:?}\nllama.cpp:       {their_text:?}");
     assert_eq!(engine_text, their_text, "the embedded backend and llama.cpp continued {} prompt ids differently", prompt_ids.len());
