@@ -101,6 +101,8 @@ impl AppState {
         if let Some(s) = &speech {
             tracing::info!("speech out: {}", s.name());
         }
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        metrics.set_context_limit(config.session.context.max_tokens);
         let deps = SessionDeps {
             defaults: SessionSettings::from_config(&config),
             backend,
@@ -116,6 +118,7 @@ impl AppState {
             agents: Arc::new(agents),
             client_tool_timeout: Duration::from_millis(config.session.client_tool_timeout_ms),
             speech,
+            audio_drops: metrics.audio_frames_dropped.clone(),
         };
         let deps = Arc::new(deps);
         let shutdown = CancellationToken::new();
@@ -125,8 +128,6 @@ impl AppState {
         };
         let (max_sessions, why) = crate::check::max_sessions(&config);
         tracing::info!("serving at most {max_sessions} sessions at once ({why})");
-        let metrics = Arc::new(crate::metrics::Metrics::default());
-        metrics.set_context_limit(config.session.context.max_tokens);
         Ok(Self {
             local,
             session_slots: Arc::new(Semaphore::new(max_sessions)),
@@ -157,7 +158,7 @@ fn start_local_session(config: &Config, deps: Arc<SessionDeps>, shutdown: Cancel
             Some(s)
         }
     };
-    let (microphone, rx) = crate::sources::mic::Microphone::start(mic);
+    let (microphone, rx) = crate::sources::mic::Microphone::start(mic, deps.audio_drops.clone());
     Ok(local::LocalSession::start(deps, rx, Box::new(microphone), speaker, shutdown))
 }
 
