@@ -17,6 +17,8 @@
 //!   in-process (`model::gemma4`, `model::embedded`) and any OpenAI-compatible server
 //!   (`model::openai`); `model::hub` downloads checkpoints. Backends are driven; they
 //!   know no transport.
+//!   The decode step's CPU matrix kernel lives in the `hark-kernels` crate
+//!   (`crates/`), optimised even in test builds.
 //! - [`server`]: axum HTTP server — the Realtime WebSocket, WebRTC signalling
 //!   (`/v1/realtime/calls`, `/v1/realtime/client_secrets`), `/healthz`, `/v1/models`, and
 //!   the always-on local session clients can attach to (`server::local`).
