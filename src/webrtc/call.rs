@@ -18,7 +18,7 @@ use ::webrtc::peer_connection::{
 use ::webrtc::rtp_transceiver::RtpSender;
 use rtc::media::Sample;
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8};
 use rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -82,7 +82,7 @@ fn opus_codec() -> RTCRtpCodec {
     }
 }
 
-/// Only what hark decodes is negotiated: Opus, and VP8 for the camera.
+/// Only what hark decodes is negotiated: Opus, and VP8 or H.264 for the camera.
 fn media_engine() -> Result<MediaEngine, CallError> {
     let mut m = MediaEngine::default();
     m.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio)?;
@@ -92,7 +92,20 @@ fn media_engine() -> Result<MediaEngine, CallError> {
         RTCPFeedback { typ: "ccm".to_owned(), parameter: "fir".to_owned() },
     ];
     let vp8 = RTCRtpCodec { mime_type: MIME_TYPE_VP8.to_owned(), clock_rate: 90_000, channels: 0, sdp_fmtp_line: String::new(), rtcp_feedback: feedback };
-    m.register_codec(RTCRtpCodecParameters { rtp_codec: vp8, payload_type: 96 }, RtpCodecKind::Video)?;
+    m.register_codec(RTCRtpCodecParameters { rtp_codec: vp8.clone(), payload_type: 96 }, RtpCodecKind::Video)?;
+    // H.264 constrained baseline (42e01f) and baseline (42001f), as browsers offer them,
+    // in both packetization modes (`h264.rs` takes single NAL units, STAP-A and FU-A).
+    // VP8 is registered first: when a browser offers both, the answer keeps the
+    // browser's order, and Chromium lists VP8 first.
+    let h264 = [(102, "42001f", 1), (127, "42001f", 0), (125, "42e01f", 1), (108, "42e01f", 0)];
+    for (payload_type, profile, mode) in h264 {
+        let codec = RTCRtpCodec {
+            mime_type: MIME_TYPE_H264.to_owned(),
+            sdp_fmtp_line: format!("level-asymmetry-allowed=1;packetization-mode={mode};profile-level-id={profile}"),
+            ..vp8.clone()
+        };
+        m.register_codec(RTCRtpCodecParameters { rtp_codec: codec, payload_type }, RtpCodecKind::Video)?;
+    }
     Ok(m)
 }
 
