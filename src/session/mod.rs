@@ -116,6 +116,8 @@ pub struct Session {
     turn: Option<TurnDetector>,
     buffer: InputBuffer,
     speech: Option<PendingSpeech>,
+    /// Camera frames sampled while the user speaks, for that turn's message (camera.rs).
+    held_frames: Vec<camera::HeldFrame>,
     buffer_overflow_reported: bool,
     /// Stream position (16 kHz) of the last speech, commit or response; the idle timer runs from here.
     last_activity: u64,
@@ -161,6 +163,7 @@ impl Session {
             turn: None,
             buffer: InputBuffer::default(),
             speech: None,
+            held_frames: Vec::new(),
             buffer_overflow_reported: false,
             last_activity: 0,
             conversation: Conversation::new(max_items),
