@@ -74,15 +74,19 @@ async fn openai_style_page_talks_over_webrtc() {
     let speech_turns = types.iter().filter(|t| **t == "input_audio_buffer.speech_started").count();
     assert_eq!(speech_turns, 1, "one utterance, one turn: {types:?}");
 
-    // Camera frames: each sampled frame is an image item; their count follows the
-    // rates over the call's own timeline (page clock, event arrival times).
+    // Camera frames: each sampled frame is an image in the context; their count follows
+    // the rates over the call's own timeline (page clock, event arrival times).
     let at = |e: &Value| e["at"].as_f64().unwrap();
-    // A camera frame is [input_text "mm:ss", input_image]; the page's own image is not.
+    // A frame sampled in silence is an item [input_text "mm:ss", input_image]; one
+    // sampled while the user speaks is inside that turn's item, after its audio.
     let is_frame = |e: &Value| {
         e["type"] == "conversation.item.added"
             && e["item"]["content"].as_array().is_some_and(|c| c.len() == 2 && c[0]["type"] == "input_text" && c[1]["type"] == "input_image")
     };
-    let frames: Vec<f64> = events.iter().filter(|e| is_frame(e)).map(at).collect();
+    let standalone: Vec<f64> = events.iter().filter(|e| is_frame(e)).map(at).collect();
+    let turn = events.iter().find(|e| e["type"] == "conversation.item.added" && e["item"]["content"][0]["type"] == "input_audio").unwrap();
+    let in_turn = turn["item"]["content"].as_array().unwrap().iter().filter(|p| p["type"] == "input_image").count();
+    let frames = standalone.len() + in_turn;
     // The page's own image, far over SCTP's default 64 KiB message, arrived whole.
     assert!(r["imageBytes"].as_u64().unwrap() > 64 * 1024, "{}", r["imageBytes"]);
     let client_images = events
@@ -96,15 +100,26 @@ async fn openai_style_page_talks_over_webrtc() {
         at(events.iter().find(|e| e["type"] == "input_audio_buffer.speech_stopped").unwrap()),
     );
     let end = events.iter().map(at).fold(0.0, f64::max);
-    let expected = simulate_sampler(frames[0], end, speaking, fps_speaking as f64, fps_idle as f64);
-    eprintln!("camera frames sampled: {} over {:.1} s (expected {expected}); keyframe requests {}", frames.len(), (end - frames[0]) / 1000.0, stats.keyframe_requests);
+    let expected = simulate_sampler(standalone[0], end, speaking, fps_speaking as f64, fps_idle as f64);
+    let minutes = (end - standalone[0]) / 60_000.0;
+    let speaking_min = (speaking.1 - speaking.0) / 60_000.0;
+    eprintln!(
+        "camera frames sampled: {frames} over {:.1} s (expected {expected}): {in_turn} in the {:.1} s turn ({:.0}/min speaking), {} in silence ({:.0}/min idle); keyframe requests {}",
+        minutes * 60.0,
+        speaking_min * 60.0,
+        in_turn as f64 / speaking_min,
+        standalone.len(),
+        standalone.len() as f64 / (minutes - speaking_min),
+        stats.keyframe_requests
+    );
+    assert!(in_turn >= 2, "frames sampled while speaking are in the turn's item: {turn}");
     // The page closes the call at once; a frame sampled in that instant never reaches it.
-    assert!((frames.len()..=frames.len() + 1).contains(&(stats.frames_sampled as usize)), "hark sampled {}, the page saw {}", stats.frames_sampled, frames.len());
-    assert!(frames.len().abs_diff(expected) <= 1, "{} frames sampled, {expected} expected from the rates; at {frames:?}, speaking {speaking:?}", frames.len());
+    assert!((frames..=frames + 1).contains(&(stats.frames_sampled as usize)), "hark sampled {}, the page saw {frames}", stats.frames_sampled);
+    assert!(frames.abs_diff(expected) <= 1, "{frames} frames sampled, {expected} expected from the rates; in silence at {standalone:?}, speaking {speaking:?}");
     // Samples sit on a grid of due times; a keyframe that came late shortens the next
     // gap, never below half the fastest interval (the lead is capped at 300 ms).
-    for pair in frames.windows(2) {
-        assert!(pair[1] - pair[0] >= 500.0 / fps_speaking as f64, "frames closer than the sampling grid allows: {frames:?}");
+    for pair in standalone.windows(2) {
+        assert!(pair[1] - pair[0] >= 500.0 / fps_speaking as f64, "frames closer than the sampling grid allows: {standalone:?}");
     }
     // The frames reached the model: the response's request carries them as images,
     // each after its `mm:ss` stamp, and the user's audio turn.
@@ -114,7 +129,7 @@ async fn openai_style_page_talks_over_webrtc() {
     let stamps = parts.iter().filter(|p| p["type"] == "text" && p["text"].as_str().is_some_and(|t| t.len() == 5 && t.as_bytes()[2] == b':')).count();
     let audio = parts.iter().filter(|p| p["type"] == "input_audio").count();
     assert!(images >= 3 && images == stamps + 1, "{images} images (the page's and the frames), {stamps} stamps in the model's request");
-    assert!(stamps <= frames.len(), "never more frames than sampled");
+    assert!(stamps <= frames, "never more frames than sampled");
     assert_eq!(audio, 1, "the user's turn as audio");
     assert!(parts.iter().any(|p| p["type"] == "image_url" && p["image_url"]["url"].as_str().unwrap().starts_with("data:image/jpeg;base64,")));
     eprintln!("CPU for the call: {cpu} ms over {:.1} s wall ({:.1}% of one core, hark and its test process)", wall.as_secs_f64(), cpu as f64 / wall.as_millis() as f64 * 100.0);
@@ -124,6 +139,55 @@ async fn openai_style_page_talks_over_webrtc() {
     assert_eq!(r["reuse"]["body"]["error"]["code"], "invalid_api_key");
     assert!(r["reuse"]["body"]["error"]["message"].as_str().unwrap().contains("already been used"), "{r}");
     assert_eq!(metric(&hark, "hark_sessions_active").await, 0.0);
+}
+
+/// The camera in H.264 only (the page's `setCodecPreferences`): hark negotiates it,
+/// depacketizes and decodes sampled IDR frames with OpenH264, and they reach the model
+/// as images, as VP8 frames do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h264_camera_frames_reach_the_context() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let wav = speech_48k(dir.path(), "Hello hark. What is on my camera?", 1.0, 2.0);
+    let y4m = test_video(dir.path());
+    let (model, hark) = start_hark(2, (2.0, 1.0)).await;
+    let r = run_browser("openai", &hark, &wav, &y4m, dir.path(), &[("VIDEO_CODEC", "h264"), ("HOLD_MS", "7000")]);
+    assert_eq!(r["status"], 201, "{r}");
+    assert_eq!(r["how"], "response.done", "{r}");
+    assert_eq!(r["sentVideo"]["codec"], "video/H264", "the browser sent H.264: {}", r["sentVideo"]);
+    until(Duration::from_secs(10), "the call to end", || hark.state.calls.open_count() == 0).await;
+    let stats = hark.state.calls.ended().pop().unwrap();
+    assert_eq!(stats.video_codec, "h264", "{stats:?}");
+    assert!(stats.frames_sampled >= 3, "H.264 frames sampled: {stats:?}");
+    eprintln!(
+        "h264: {} frames sampled over {:.1} s, {} keyframe requests (browser sent {} keyframes, {} PLIs); {:.2} ms per sampled frame (decode + RGB)",
+        stats.frames_sampled,
+        stats.duration.as_secs_f64(),
+        stats.keyframe_requests,
+        r["sentVideo"]["keyFrames"],
+        r["sentVideo"]["pli"],
+        stats.decode_micros as f64 / 1000.0 / stats.frames_sampled as f64
+    );
+    let request = &model.requests()[0];
+    let images: Vec<&str> = request["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["content"].as_array())
+        .flatten()
+        .filter(|p| p["type"] == "image_url")
+        .map(|p| p["image_url"]["url"].as_str().unwrap())
+        .collect();
+    // The page's own image is a PNG; the camera's frames are JPEGs.
+    let frames: Vec<&&str> = images.iter().filter(|u| u.starts_with("data:image/jpeg;base64,")).collect();
+    assert!(frames.len() >= 2, "H.264 frames in the model's request: {} images", images.len());
+    // A decoded frame, not a blank: testsrc's colour bars come through.
+    use base64::Engine;
+    let jpeg = base64::engine::general_purpose::STANDARD.decode(frames[0].trim_start_matches("data:image/jpeg;base64,")).unwrap();
+    let img = image::load_from_memory(&jpeg).unwrap().to_rgb8();
+    assert_eq!((img.width(), img.height()), (432, 336), "640×480 at 70 patches");
+    let saturated = img.pixels().filter(|p| p.0.iter().max().unwrap() - p.0.iter().min().unwrap() > 150).count();
+    assert!(saturated > 1000, "the test pattern's colours: {saturated} saturated pixels");
 }
 
 /// Frames a sampler at these rates takes from `from` to `to` (ms), speaking in `speaking`.
