@@ -271,4 +271,44 @@ async fn spoken_answer_plays_on_the_track() {
     let energy = r["inboundAudio"]["energy"].as_f64().unwrap_or(0.0);
     eprintln!("received audio energy {energy}");
     assert!(energy > 1e-3, "hark's track carried no speech: {}", r["inboundAudio"]);
+    // Playback, as OpenAI reports it on WebRTC: started when the answer's audio goes
+    // out on the track, stopped once all of it has, after response.done.
+    let response_id = events.iter().find(|e| e["type"] == "response.done").unwrap()["response"]["id"].as_str().unwrap();
+    let pos = |ty: &str| types.iter().position(|t| *t == ty).unwrap_or_else(|| panic!("no {ty}: {types:?}"));
+    for ty in ["output_audio_buffer.started", "output_audio_buffer.stopped"] {
+        let e = &events[pos(ty)];
+        assert_eq!(e["response_id"], response_id, "{e}");
+        assert!(e["event_id"].as_str().is_some_and(|id| !id.is_empty()), "{e}");
+    }
+    assert!(pos("response.content_part.added") < pos("output_audio_buffer.started"));
+    assert!(pos("response.done") < pos("output_audio_buffer.stopped"), "stopped comes once all audio went out: {types:?}");
+    assert!(!types.contains(&"output_audio_buffer.cleared"), "{types:?}");
+    let started = events[pos("output_audio_buffer.started")]["at"].as_f64().unwrap();
+    let stopped = events[pos("output_audio_buffer.stopped")]["at"].as_f64().unwrap();
+    eprintln!("the answer played for {:.0} ms on the track (started → stopped)", stopped - started);
+    assert!(stopped - started > 300.0, "the spoken answer takes time to play out");
+}
+
+/// The page's `output_audio_buffer.clear` (sent as soon as the answer starts playing)
+/// cuts the answer off: `output_audio_buffer.cleared` for that response, no `stopped`,
+/// and no error (over a WebSocket the same event is refused: webrtc_signaling.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clearing_the_output_audio_buffer_cuts_the_answer_off() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let wav = speech_48k(dir.path(), "Hello hark. Say something please.", 1.0, 2.0);
+    let y4m = test_video(dir.path());
+    let (_model, hark) = start_hark(2, (0.5, 0.2)).await;
+    let r = run_browser("openai", &hark, &wav, &y4m, dir.path(), &[("AUDIO_OUT", "1"), ("CLEAR_ON_START", "1"), ("HOLD_MS", "8000")]);
+    assert_eq!(r["how"], "response.done", "the page saw no response.done: {r}");
+    let events = r["events"].as_array().unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let response_id = events.iter().find(|e| e["type"] == "response.done").unwrap()["response"]["id"].as_str().unwrap();
+    let pos = |ty: &str| types.iter().position(|t| *t == ty).unwrap_or_else(|| panic!("no {ty}: {types:?}"));
+    assert!(pos("output_audio_buffer.started") < pos("output_audio_buffer.cleared"), "{types:?}");
+    assert_eq!(events[pos("output_audio_buffer.cleared")]["response_id"], response_id);
+    assert!(!types.contains(&"output_audio_buffer.stopped"), "a cleared answer never stops normally: {types:?}");
+    assert!(!types.contains(&"error"), "{:?}", events.iter().filter(|e| e["type"] == "error").collect::<Vec<_>>());
+    let at = |ty: &str| events[pos(ty)]["at"].as_f64().unwrap();
+    eprintln!("cleared {:.0} ms after the answer started playing", at("output_audio_buffer.cleared") - at("output_audio_buffer.started"));
 }

@@ -105,6 +105,16 @@ async fn bad_offers_and_keys_are_clear_4xx() {
     let (status, body) = post_sdp(&calls, Some(&key), &sdp).await;
     assert_error(status, &body, 401, "invalid_api_key", "expired");
 
+    // output_audio_buffer.clear is WebRTC's (the call holds the audio it plays): over a
+    // WebSocket it is an error naming the event, and the session carries on.
+    let mut ws = Client::connect(&hark.ws_url()).await;
+    ws.send(json!({"type": "output_audio_buffer.clear", "event_id": "c1"})).await;
+    let e = ws.until("error").await;
+    assert_eq!(e["error"]["event_id"], "c1", "{e}");
+    assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("only supported for WebRTC"), "{e}");
+    ws.assert_alive().await;
+
     // Still serving.
     let r = reqwest::get(format!("{base}/../healthz").replace("/v1/../", "/")).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);

@@ -344,9 +344,14 @@ impl Session {
                     Ok(())
                 }
             },
-            // Over WebSocket the client holds the played audio; hark keeps no output
-            // buffer to clear (the client truncates the item with what it played).
-            ClientEvent::OutputAudioBufferClear {} => Ok(()),
+            // A WebRTC call handles it in its transport (the audio queued on its track);
+            // here it came over a WebSocket, where the client holds the played audio
+            // (it stops playback itself and truncates the item): refused, as OpenAI does.
+            ClientEvent::OutputAudioBufferClear {} => Err(ProtocolError::new(
+                "invalid_event",
+                "output_audio_buffer.clear is only supported for WebRTC sessions; over a WebSocket the client plays the audio and stops it itself (then conversation.item.truncate).",
+            )
+            .param("type")),
         };
         if let Err(e) = result {
             self.events.push(ServerEvent::from_protocol_error(e.event_id(event_id)));

@@ -85,7 +85,9 @@ try {
     const audioOut = process.env.AUDIO_OUT === '1';
     // VIDEO_CODEC=h264: the camera is offered in H.264 only (setCodecPreferences).
     const videoCodec = process.env.VIDEO_CODEC || '';
-    Object.assign(result, await page.evaluate(async ({ base, key, waitMs, holdMs, audioOut, videoCodec }) => {
+    // CLEAR_ON_START=1: the page cuts the spoken answer off as soon as it starts playing.
+    const clearOnStart = process.env.CLEAR_ON_START === '1';
+    Object.assign(result, await page.evaluate(async ({ base, key, waitMs, holdMs, audioOut, videoCodec, clearOnStart }) => {
       const t0 = performance.now();
       const events = [];
       const pc = new RTCPeerConnection();
@@ -113,6 +115,7 @@ try {
         const ev = JSON.parse(e.data);
         events.push({ at: performance.now() - t0, ...ev });
         if (ev.type === 'response.done') done('response.done');
+        if (clearOnStart && ev.type === 'output_audio_buffer.started') dc.send(JSON.stringify({ type: 'output_audio_buffer.clear', event_id: 'clear_1' }));
       });
       const opened = new Promise((resolve) => dc.addEventListener('open', resolve));
       const offer = await pc.createOffer();
@@ -163,7 +166,7 @@ try {
       mic.getTracks().forEach((t) => t.stop());
       camera.getTracks().forEach((t) => t.stop());
       return { status, location, how, state, remote, micAt, imageBytes, inboundAudio, sentVideo, events };
-    }, { base, key, waitMs, holdMs, audioOut, videoCodec }));
+    }, { base, key, waitMs, holdMs, audioOut, videoCodec, clearOnStart }));
     // A reused key is refused.
     const again = await fetch(`${base}/v1/realtime/calls`, {
       method: 'POST', body: 'v=0', headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/sdp' },
