@@ -262,8 +262,8 @@ async fn spoken_answer_plays_on_the_track() {
     let wav = speech_48k(dir.path(), "Hello hark. Say something please.", 1.0, 2.0);
     let y4m = test_video(dir.path());
     let (_model, hark) = start_hark(2, (0.5, 0.2)).await;
-    let r = run_browser("openai", &hark, &wav, &y4m, dir.path(), &[("AUDIO_OUT", "1"), ("HOLD_MS", "9000")]);
-    assert_eq!(r["how"], "response.done", "the page saw no response.done: {r}");
+    let r = run_browser("openai", &hark, &wav, &y4m, dir.path(), &[("AUDIO_OUT", "1"), ("UNTIL", "output_audio_buffer.stopped")]);
+    assert_eq!(r["how"], "output_audio_buffer.stopped", "the page saw no output_audio_buffer.stopped: {r}");
     let events = r["events"].as_array().unwrap();
     let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert!(types.contains(&"response.output_audio_transcript.delta"), "{types:?}");
@@ -299,8 +299,8 @@ async fn clearing_the_output_audio_buffer_cuts_the_answer_off() {
     let wav = speech_48k(dir.path(), "Hello hark. Say something please.", 1.0, 2.0);
     let y4m = test_video(dir.path());
     let (_model, hark) = start_hark(2, (0.5, 0.2)).await;
-    let r = run_browser("openai", &hark, &wav, &y4m, dir.path(), &[("AUDIO_OUT", "1"), ("CLEAR_ON_START", "1"), ("HOLD_MS", "8000")]);
-    assert_eq!(r["how"], "response.done", "the page saw no response.done: {r}");
+    let r = run_browser("openai", &hark, &wav, &y4m, dir.path(), &[("AUDIO_OUT", "1"), ("CLEAR_ON_START", "1"), ("UNTIL", "output_audio_buffer.cleared")]);
+    assert_eq!(r["how"], "output_audio_buffer.cleared", "the page saw no output_audio_buffer.cleared: {r}");
     let events = r["events"].as_array().unwrap();
     let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     let response_id = events.iter().find(|e| e["type"] == "response.done").unwrap()["response"]["id"].as_str().unwrap();

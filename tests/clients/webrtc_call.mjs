@@ -87,7 +87,9 @@ try {
     const videoCodec = process.env.VIDEO_CODEC || '';
     // CLEAR_ON_START=1: the page cuts the spoken answer off as soon as it starts playing.
     const clearOnStart = process.env.CLEAR_ON_START === '1';
-    Object.assign(result, await page.evaluate(async ({ base, key, waitMs, holdMs, audioOut, videoCodec, clearOnStart }) => {
+    // The event the call waits for (then holds for HOLD_MS from its start).
+    const until = process.env.UNTIL || 'response.done';
+    Object.assign(result, await page.evaluate(async ({ base, key, waitMs, holdMs, audioOut, videoCodec, clearOnStart, until }) => {
       const t0 = performance.now();
       const events = [];
       const pc = new RTCPeerConnection();
@@ -114,7 +116,7 @@ try {
       dc.addEventListener('message', (e) => {
         const ev = JSON.parse(e.data);
         events.push({ at: performance.now() - t0, ...ev });
-        if (ev.type === 'response.done') done('response.done');
+        if (ev.type === until) done(until);
         if (clearOnStart && ev.type === 'output_audio_buffer.started') dc.send(JSON.stringify({ type: 'output_audio_buffer.clear', event_id: 'clear_1' }));
       });
       const opened = new Promise((resolve) => dc.addEventListener('open', resolve));
@@ -166,7 +168,7 @@ try {
       mic.getTracks().forEach((t) => t.stop());
       camera.getTracks().forEach((t) => t.stop());
       return { status, location, how, state, remote, micAt, imageBytes, inboundAudio, sentVideo, events };
-    }, { base, key, waitMs, holdMs, audioOut, videoCodec, clearOnStart }));
+    }, { base, key, waitMs, holdMs, audioOut, videoCodec, clearOnStart, until }));
     // A reused key is refused.
     const again = await fetch(`${base}/v1/realtime/calls`, {
       method: 'POST', body: 'v=0', headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/sdp' },
