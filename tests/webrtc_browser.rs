@@ -190,6 +190,69 @@ async fn h264_camera_frames_reach_the_context() {
     assert!(saturated > 1000, "the test pattern's colours: {saturated} saturated pixels");
 }
 
+/// The closing note's figures over a one-minute call at the default rates (1 fps
+/// speaking, 0.2 fps idle): speech start/stop error, camera frames per minute speaking
+/// and idle, CPU for the call. Slow (a minute of real time): run it on purpose,
+/// `cargo test --test webrtc_browser a_minute_call -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn a_minute_call_measured() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let text = "Hello hark, I would like you to look at my camera while I talk for a while about the things on my desk, \
+                the coffee cup and the notebook and the small green plant next to the window, and then tell me what you think of them";
+    let wav = speech_48k(dir.path(), text, 5.0, 30.0);
+    let (truth_start, truth_end) = speech_bounds_ms(&wav);
+    let y4m = test_video(dir.path());
+    let (_model, hark) = start_hark(4, (1.0, 0.2)).await;
+    let cpu0 = process_cpu_ms();
+    let t0 = Instant::now();
+    // VIDEO_CODEC=h264 in the environment measures the H.264 path.
+    let codec = std::env::var("VIDEO_CODEC").unwrap_or_default();
+    let r = run_browser("openai", &hark, &wav, &y4m, dir.path(), &[("HOLD_MS", "60000"), ("WAIT_MS", "60000"), ("VIDEO_CODEC", &codec)]);
+    let (wall, cpu) = (t0.elapsed(), process_cpu_ms() - cpu0);
+    assert_eq!(r["status"], 201, "{r}");
+    until(Duration::from_secs(10), "the call to end", || hark.state.calls.open_count() == 0).await;
+    let stats = hark.state.calls.ended().pop().unwrap();
+    let events = r["events"].as_array().unwrap();
+    let at = |e: &Value| e["at"].as_f64().unwrap();
+    let of = |ty: &'static str| events.iter().filter(move |e| e["type"] == ty);
+    let start_err = of("input_audio_buffer.speech_started").next().unwrap()["audio_start_ms"].as_i64().unwrap() - truth_start as i64;
+    let end_err = of("input_audio_buffer.speech_stopped").last().unwrap()["audio_end_ms"].as_i64().unwrap() - truth_end as i64;
+    let speaking_ms: f64 = of("input_audio_buffer.speech_started").zip(of("input_audio_buffer.speech_stopped")).map(|(a, b)| at(b) - at(a)).sum();
+    let call_ms = at(events.last().unwrap()) - r["micAt"].as_f64().unwrap();
+    let mut in_turns = 0;
+    let mut standalone = 0;
+    for e in of("conversation.item.added") {
+        let c = e["item"]["content"].as_array().unwrap();
+        let images = c.iter().filter(|p| p["type"] == "input_image").count();
+        if c.first().is_some_and(|p| p["type"] == "input_audio") {
+            in_turns += images;
+        } else if c.len() == 2 && c[0]["type"] == "input_text" && c[1]["type"] == "input_image" {
+            standalone += images;
+        }
+    }
+    eprintln!("MEASURED speech in the WAV {truth_start}..{truth_end} ms; speech_started error {start_err} ms, speech_stopped error {end_err} ms (last turn); {} turns", of("input_audio_buffer.speech_started").count());
+    eprintln!(
+        "MEASURED camera ({}): {} frames over {:.1} s; speaking {:.1} s → {in_turns} frames ({:.1}/min), idle {:.1} s → {standalone} frames ({:.1}/min); {} keyframe requests; {:.2} ms per sampled frame (decode + RGB)",
+        stats.video_codec,
+        stats.frames_sampled,
+        call_ms / 1000.0,
+        speaking_ms / 1000.0,
+        in_turns as f64 / (speaking_ms / 60_000.0),
+        (call_ms - speaking_ms) / 1000.0,
+        standalone as f64 / ((call_ms - speaking_ms) / 60_000.0),
+        stats.keyframe_requests,
+        stats.decode_micros as f64 / 1000.0 / stats.frames_sampled.max(1) as f64
+    );
+    eprintln!(
+        "MEASURED CPU: {cpu} ms over {:.1} s wall = {:.1}% of one core for one call with mic + camera (hark and the test process; Chromium not counted)",
+        wall.as_secs_f64(),
+        cpu as f64 / wall.as_millis() as f64 * 100.0
+    );
+    assert!(stats.frames_sampled > 10);
+}
+
 /// Frames a sampler at these rates takes from `from` to `to` (ms), speaking in `speaking`.
 fn simulate_sampler(from: f64, to: f64, speaking: (f64, f64), fps_speaking: f64, fps_idle: f64) -> usize {
     let (mut t, mut last, mut n) = (from, f64::NEG_INFINITY, 0);
