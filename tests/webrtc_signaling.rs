@@ -85,6 +85,12 @@ async fn bad_offers_and_keys_are_clear_4xx() {
     assert!(body["error"]["message"].as_str().unwrap().contains("pcmu, g722"), "names what was offered: {body}");
     let (status, body) = post_sdp(&calls, Some(&key), &format!("{HEAD}{}", audio_section(&[(111, "opus/48000/2")]))).await;
     assert_error(status, &body, 400, "invalid_offer", "oai-events");
+    // A camera only in codecs hark cannot decode (VP9, AV1): refused, naming them,
+    // rather than answered with a camera that never reaches the model.
+    let video = "m=video 9 UDP/TLS/RTP/SAVPF 98 99 45\r\nc=IN IP4 0.0.0.0\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=fingerprint:sha-256 00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF\r\na=setup:actpass\r\na=mid:2\r\na=sendonly\r\na=rtcp-mux\r\na=rtpmap:98 VP9/90000\r\na=rtpmap:99 rtx/90000\r\na=fmtp:99 apt=98\r\na=rtpmap:45 AV1/90000\r\n";
+    let (status, body) = post_sdp(&calls, Some(&key), &format!("{HEAD}{}{DATA}{video}", audio_section(&[(111, "opus/48000/2")]))).await;
+    assert_error(status, &body, 400, "invalid_offer", "VP8 and H.264");
+    assert!(body["error"]["message"].as_str().unwrap().contains("vp9, av1"), "names what was offered: {body}");
     let r = reqwest::Client::new().post(&calls).bearer_auth(&key).header("Content-Type", "image/png").body("x").send().await.unwrap();
     assert_eq!(r.status().as_u16(), 415);
     let r = reqwest::Client::new().post(&calls).bearer_auth(&key).json(&json!({"session": {}})).send().await.unwrap();
@@ -98,6 +104,16 @@ async fn bad_offers_and_keys_are_clear_4xx() {
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await; // the key's lifetime is what is tested
     let (status, body) = post_sdp(&calls, Some(&key), &sdp).await;
     assert_error(status, &body, 401, "invalid_api_key", "expired");
+
+    // output_audio_buffer.clear is WebRTC's (the call holds the audio it plays): over a
+    // WebSocket it is an error naming the event, and the session carries on.
+    let mut ws = Client::connect(&hark.ws_url()).await;
+    ws.send(json!({"type": "output_audio_buffer.clear", "event_id": "c1"})).await;
+    let e = ws.until("error").await;
+    assert_eq!(e["error"]["event_id"], "c1", "{e}");
+    assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("only supported for WebRTC"), "{e}");
+    ws.assert_alive().await;
 
     // Still serving.
     let r = reqwest::get(format!("{base}/../healthz").replace("/v1/../", "/")).await.unwrap();

@@ -82,6 +82,16 @@ pub enum ServerEvent {
     InputAudioBufferSpeechStopped { audio_end_ms: u64, item_id: String },
     #[serde(rename = "input_audio_buffer.timeout_triggered")]
     InputAudioBufferTimeoutTriggered { audio_start_ms: u64, audio_end_ms: u64, item_id: String },
+    /// WebRTC only: a response's audio began to go out on the call's track.
+    #[serde(rename = "output_audio_buffer.started")]
+    OutputAudioBufferStarted { response_id: String },
+    /// WebRTC only: all of a response's audio has gone out (after its `response.done`).
+    #[serde(rename = "output_audio_buffer.stopped")]
+    OutputAudioBufferStopped { response_id: String },
+    /// WebRTC only: a response's audio not yet sent was dropped (barge-in, cancel, or
+    /// the client's `output_audio_buffer.clear`).
+    #[serde(rename = "output_audio_buffer.cleared")]
+    OutputAudioBufferCleared { response_id: String },
     #[serde(rename = "response.created")]
     ResponseCreated { response: ResponseInfo },
     #[serde(rename = "response.done")]

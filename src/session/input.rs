@@ -110,6 +110,7 @@ impl Session {
             });
         }
         self.retract_streaming();
+        self.release_held_frames();
         self.stream_base += self.pipeline.position();
         let vad = match &self.settings.turn_detection {
             None => None,
@@ -273,6 +274,7 @@ impl Session {
             // frames already streamed into the model leave its cache.
             self.retract_streaming();
             self.buffer.drop_before(to);
+            self.release_held_frames();
             return;
         }
         // The streamed frames stay in the model's cache for the response below.
@@ -349,8 +351,10 @@ impl Session {
     pub(super) fn commit_audio(&mut self, item_id: String, audio: Vec<f32>) -> Result<(), ProtocolError> {
         self.tool_rounds = 0;
         self.new_input();
-        let item = Item::message(item_id.clone(), ItemStatus::Completed, Role::User, vec![ContentPart::input_audio()]);
-        let ci = ConversationItem::new(item.clone(), vec![Payload::Audio(Arc::new(audio))]);
+        // Camera frames sampled during the turn follow its audio (see camera.rs).
+        let (frame_parts, frame_payloads) = self.take_turn_frames();
+        let item = Item::message(item_id.clone(), ItemStatus::Completed, Role::User, [vec![ContentPart::input_audio()], frame_parts].concat());
+        let ci = ConversationItem::new(item.clone(), [vec![Payload::Audio(Arc::new(audio))], frame_payloads].concat());
         let previous_item_id =
             self.conversation.insert(None, ci).map_err(|e| ProtocolError::server("conversation_full", e.to_string()))?;
         self.events.push(ServerEvent::InputAudioBufferCommitted { previous_item_id: previous_item_id.clone(), item_id });

@@ -118,6 +118,8 @@ pub struct Session {
     turn: Option<TurnDetector>,
     buffer: InputBuffer,
     speech: Option<PendingSpeech>,
+    /// Camera frames sampled while the user speaks, for that turn's message (camera.rs).
+    held_frames: Vec<camera::HeldFrame>,
     buffer_overflow_reported: bool,
     /// Stream position (16 kHz) of the last speech, commit or response; the idle timer runs from here.
     last_activity: u64,
@@ -163,6 +165,7 @@ impl Session {
             turn: None,
             buffer: InputBuffer::default(),
             speech: None,
+            held_frames: Vec::new(),
             buffer_overflow_reported: false,
             last_activity: 0,
             conversation: Conversation::new(max_items),
@@ -343,9 +346,14 @@ impl Session {
                     Ok(())
                 }
             },
-            // Over WebSocket the client holds the played audio; hark keeps no output
-            // buffer to clear (the client truncates the item with what it played).
-            ClientEvent::OutputAudioBufferClear {} => Ok(()),
+            // A WebRTC call handles it in its transport (the audio queued on its track);
+            // here it came over a WebSocket, where the client holds the played audio
+            // (it stops playback itself and truncates the item): refused, as OpenAI does.
+            ClientEvent::OutputAudioBufferClear {} => Err(ProtocolError::new(
+                "invalid_event",
+                "output_audio_buffer.clear is only supported for WebRTC sessions; over a WebSocket the client plays the audio and stops it itself (then conversation.item.truncate).",
+            )
+            .param("type")),
         };
         if let Err(e) = result {
             self.events.push(ServerEvent::from_protocol_error(e.event_id(event_id)));

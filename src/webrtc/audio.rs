@@ -8,6 +8,8 @@
 //! (correlation 1.00000). Both are far below the 20 ms budget; libopus is ≈1.3× faster,
 //! it is the reference decoder browsers use, and the distribution maintains it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -107,39 +109,81 @@ impl OpusInput {
 }
 
 /// What hark says to the caller: 48 kHz mono samples, queued for the outgoing Opus
-/// track. Speech output (the microphone/TTS work) sends its audio here; while nothing
-/// is queued the track carries silence, so the browser's `ontrack` stream is live from
-/// the start and latency does not change when speech begins.
+/// track, each chunk tagged with the response it belongs to. While nothing is queued
+/// the track carries silence, so the browser's `ontrack` stream is live from the start
+/// and latency does not change when speech begins.
+///
+/// Playback is reported as OpenAI reports it on WebRTC: `output_audio_buffer.started`
+/// when a response's first audio goes out on the track, `.stopped` when the last of it
+/// has (after its `response.done`), `.cleared` when it is cut off — see
+/// [`OutgoingAudio::next_packet`].
 #[derive(Clone)]
 pub struct AudioOut {
-    tx: mpsc::Sender<Vec<f32>>,
+    tx: mpsc::Sender<Queued>,
+    /// Bumped by [`Self::clear`]: chunks queued before it are dropped unplayed.
+    generation: Arc<AtomicU64>,
+}
+
+enum Queued {
+    Audio { generation: u64, response_id: String, samples: Vec<f32> },
+    /// The response is done: once its audio has gone out, playback has stopped.
+    End { response_id: String },
+}
+
+/// What playback reports (as the `output_audio_buffer.*` server events).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Playback {
+    Started(String),
+    Stopped(String),
+    Cleared(String),
 }
 
 impl AudioOut {
-    /// Queues 48 kHz mono samples; `false` once the call is gone. Use
-    /// [`Self::send_24k`] for the Realtime protocol's 24 kHz PCM.
-    pub async fn send_48k(&self, samples: Vec<f32>) -> bool {
-        self.tx.send(samples).await.is_ok()
+    /// Queues 48 kHz mono samples of `response_id`; `false` once the call is gone.
+    /// Use [`Self::send_24k`] for the Realtime protocol's 24 kHz PCM.
+    pub async fn send_48k(&self, response_id: &str, samples: Vec<f32>) -> bool {
+        let generation = self.generation.load(Ordering::Acquire);
+        self.tx.send(Queued::Audio { generation, response_id: response_id.to_string(), samples }).await.is_ok()
     }
 
     /// Queues 24 kHz mono samples (the protocol's output rate), upsampled ×2 by linear
     /// interpolation — speech at 24 kHz has nothing above 12 kHz to alias.
-    pub async fn send_24k(&self, samples: &[f32]) -> bool {
+    pub async fn send_24k(&self, response_id: &str, samples: &[f32]) -> bool {
         let mut up = Vec::with_capacity(samples.len() * 2);
         for (i, &s) in samples.iter().enumerate() {
             let next = samples.get(i + 1).copied().unwrap_or(s);
             up.push(s);
             up.push((s + next) * 0.5);
         }
-        self.send_48k(up).await
+        self.send_48k(response_id, up).await
+    }
+
+    /// The response is done: no more of its audio will be queued.
+    pub async fn finish(&self, response_id: &str) -> bool {
+        self.tx.send(Queued::End { response_id: response_id.to_string() }).await.is_ok()
+    }
+
+    /// Drops everything queued and not yet sent (barge-in, a cancelled response, the
+    /// client's `output_audio_buffer.clear`); the track falls silent within one frame.
+    pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
 
 /// The receiving end of [`AudioOut`]: yields one 20 ms frame at a time, silence when
-/// nothing is queued.
+/// nothing is queued, and reports playback.
 pub struct OutgoingAudio {
-    rx: mpsc::Receiver<Vec<f32>>,
+    rx: mpsc::Receiver<Queued>,
+    generation: Arc<AtomicU64>,
+    /// The generation this side has caught up with.
+    seen_generation: u64,
+    /// Samples of `playing` not yet sent.
     pending: std::collections::VecDeque<f32>,
+    /// A chunk of the next response, waiting for the current one to finish.
+    next: Option<Queued>,
+    /// The response whose audio is being sent, whether `started` was reported, and
+    /// whether its end was queued.
+    playing: Option<(String, bool, bool)>,
     encoder: opus::Encoder,
 }
 
@@ -149,23 +193,83 @@ pub fn outgoing() -> Result<(AudioOut, OutgoingAudio), AudioError> {
     let (tx, rx) = mpsc::channel(50);
     let mut encoder = opus::Encoder::new(OPUS_RATE, opus::Channels::Mono, opus::Application::Voip)?;
     encoder.set_bitrate(opus::Bitrate::Bits(32_000))?;
-    Ok((AudioOut { tx }, OutgoingAudio { rx, pending: Default::default(), encoder }))
+    let generation = Arc::new(AtomicU64::new(0));
+    Ok((
+        AudioOut { tx, generation: generation.clone() },
+        OutgoingAudio { rx, generation, seen_generation: 0, pending: Default::default(), next: None, playing: None, encoder },
+    ))
 }
 
 impl OutgoingAudio {
     pub const FRAME: Duration = Duration::from_millis(20);
 
-    /// The next 20 ms of output as one Opus packet.
-    pub fn next_packet(&mut self) -> Result<Vec<u8>, AudioError> {
+    /// The next 20 ms of output as one Opus packet, and what playback did in it.
+    pub fn next_packet(&mut self, report: &mut Vec<Playback>) -> Result<Vec<u8>, AudioError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation != self.seen_generation {
+            self.seen_generation = generation;
+            self.pending.clear();
+            self.next = None;
+            // Only audio that was playing, or about to, is reported cleared.
+            if let Some((id, _, _)) = self.playing.take() {
+                report.push(Playback::Cleared(id));
+            }
+        }
         while self.pending.len() < FRAME_20MS {
-            match self.rx.try_recv() {
-                Ok(chunk) => self.pending.extend(chunk),
-                Err(_) => break,
+            let item = match self.next.take() {
+                Some(q) => q,
+                None => match self.rx.try_recv() {
+                    Ok(q) => q,
+                    Err(_) => break,
+                },
+            };
+            match item {
+                // Queued before a clear.
+                Queued::Audio { generation: g, .. } if g != generation => {}
+                Queued::Audio { response_id, samples, .. } => match &self.playing {
+                    Some((id, _, _)) if *id == response_id => self.pending.extend(samples),
+                    // Another response's audio: the current one finishes first.
+                    Some(_) if !self.pending.is_empty() => {
+                        self.next = Some(Queued::Audio { generation, response_id, samples });
+                        break;
+                    }
+                    Some((id, started, _)) => {
+                        if *started {
+                            report.push(Playback::Stopped(id.clone()));
+                        }
+                        self.playing = Some((response_id, false, false));
+                        self.pending.extend(samples);
+                    }
+                    None => {
+                        self.playing = Some((response_id, false, false));
+                        self.pending.extend(samples);
+                    }
+                },
+                Queued::End { response_id } => {
+                    if let Some((id, _, ended)) = self.playing.as_mut() {
+                        if *id == response_id {
+                            *ended = true;
+                        }
+                    }
+                }
             }
         }
         let mut frame = [0f32; FRAME_20MS];
-        for (slot, s) in frame.iter_mut().zip(self.pending.drain(..self.pending.len().min(FRAME_20MS))) {
+        let n = self.pending.len().min(FRAME_20MS);
+        for (slot, s) in frame.iter_mut().zip(self.pending.drain(..n)) {
             *slot = s;
+        }
+        if let Some((id, started, ended)) = self.playing.as_mut() {
+            if n > 0 && !*started {
+                *started = true;
+                report.push(Playback::Started(id.clone()));
+            }
+            if *ended && self.pending.is_empty() {
+                if *started {
+                    report.push(Playback::Stopped(id.clone()));
+                }
+                self.playing = None;
+            }
         }
         Ok(self.encoder.encode_vec_float(&frame, 1500)?)
     }
@@ -201,10 +305,41 @@ mod tests {
     #[test]
     fn silence_then_queued_audio() {
         let (tx, mut out) = outgoing().unwrap();
-        assert!(!out.next_packet().unwrap().is_empty());
+        let mut report = Vec::new();
+        assert!(!out.next_packet(&mut report).unwrap().is_empty());
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        assert!(rt.block_on(tx.send_24k(&vec![0.1; 480])));
-        out.next_packet().unwrap();
+        assert!(rt.block_on(tx.send_24k("r1", &vec![0.1; 480])));
+        out.next_packet(&mut report).unwrap();
         assert!(out.pending.is_empty(), "480 samples at 24 kHz are exactly one 20 ms frame");
+        assert_eq!(report, [Playback::Started("r1".into())]);
+    }
+
+    /// started → stopped after the response's end; a clear drops what is queued and
+    /// reports the response cut off; a new response after that plays.
+    #[test]
+    fn playback_is_reported() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let (tx, mut out) = outgoing().unwrap();
+        let mut report = Vec::new();
+        rt.block_on(async {
+            assert!(tx.send_48k("r1", vec![0.1; FRAME_20MS * 2]).await);
+            assert!(tx.finish("r1").await);
+        });
+        for _ in 0..3 {
+            out.next_packet(&mut report).unwrap();
+        }
+        assert_eq!(report, [Playback::Started("r1".into()), Playback::Stopped("r1".into())]);
+        report.clear();
+        rt.block_on(async { assert!(tx.send_48k("r2", vec![0.1; FRAME_20MS * 10]).await) });
+        out.next_packet(&mut report).unwrap();
+        tx.clear();
+        rt.block_on(async { assert!(tx.finish("r2").await) });
+        out.next_packet(&mut report).unwrap();
+        assert!(out.pending.is_empty(), "the rest of r2 was dropped");
+        assert_eq!(report, [Playback::Started("r2".into()), Playback::Cleared("r2".into())]);
+        report.clear();
+        rt.block_on(async { assert!(tx.send_48k("r3", vec![0.1; FRAME_20MS]).await) });
+        out.next_packet(&mut report).unwrap();
+        assert_eq!(report, [Playback::Started("r3".into())]);
     }
 }

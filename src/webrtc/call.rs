@@ -18,7 +18,7 @@ use ::webrtc::peer_connection::{
 use ::webrtc::rtp_transceiver::RtpSender;
 use rtc::media::Sample;
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8};
 use rtc::peer_connection::configuration::setting_engine::SctpMaxMessageSize;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -47,6 +47,8 @@ enum PeerEvent {
     DataChannel(Arc<dyn DataChannel>),
     Track(Arc<dyn TrackRemote>),
     EventsClosed,
+    /// The client sent `output_audio_buffer.clear`.
+    ClearAudio,
 }
 
 /// The driver calls these on its own task: they only forward, never block.
@@ -82,7 +84,7 @@ fn opus_codec() -> RTCRtpCodec {
     }
 }
 
-/// Only what hark decodes is negotiated: Opus, and VP8 for the camera.
+/// Only what hark decodes is negotiated: Opus, and VP8 or H.264 for the camera.
 fn media_engine() -> Result<MediaEngine, CallError> {
     let mut m = MediaEngine::default();
     m.register_codec(RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio)?;
@@ -92,7 +94,20 @@ fn media_engine() -> Result<MediaEngine, CallError> {
         RTCPFeedback { typ: "ccm".to_owned(), parameter: "fir".to_owned() },
     ];
     let vp8 = RTCRtpCodec { mime_type: MIME_TYPE_VP8.to_owned(), clock_rate: 90_000, channels: 0, sdp_fmtp_line: String::new(), rtcp_feedback: feedback };
-    m.register_codec(RTCRtpCodecParameters { rtp_codec: vp8, payload_type: 96 }, RtpCodecKind::Video)?;
+    m.register_codec(RTCRtpCodecParameters { rtp_codec: vp8.clone(), payload_type: 96 }, RtpCodecKind::Video)?;
+    // H.264 constrained baseline (42e01f) and baseline (42001f), as browsers offer them,
+    // in both packetization modes (`h264.rs` takes single NAL units, STAP-A and FU-A).
+    // VP8 is registered first: when a browser offers both, the answer keeps the
+    // browser's order, and Chromium lists VP8 first.
+    let h264 = [(102, "42001f", 1), (127, "42001f", 0), (125, "42e01f", 1), (108, "42e01f", 0)];
+    for (payload_type, profile, mode) in h264 {
+        let codec = RTCRtpCodec {
+            mime_type: MIME_TYPE_H264.to_owned(),
+            sdp_fmtp_line: format!("level-asymmetry-allowed=1;packetization-mode={mode};profile-level-id={profile}"),
+            ..vp8.clone()
+        };
+        m.register_codec(RTCRtpCodecParameters { rtp_codec: codec, payload_type }, RtpCodecKind::Video)?;
+    }
     Ok(m)
 }
 
@@ -225,6 +240,13 @@ impl CallTask {
         tracing::info!(call = %call_id, video = self.video, "webrtc call answered");
         let (in_tx, in_rx) = mpsc::channel::<SessionInput>(256);
         let (out_tx, mut out_rx) = mpsc::channel::<ServerEvent>(1024);
+        // Playback reports (output_audio_buffer.*) join the session's events, so they go
+        // out in order with them; weak, so the session ending still ends the stream.
+        let playback_tx = out_tx.downgrade();
+        // A response whose audio was cut off: its later deltas are not played.
+        let mut cleared_response: Option<String> = None;
+        // The response whose audio went on the track last.
+        let mut audio_response: Option<String> = None;
         let session_end = ctx.shutdown.child_token();
         let session = Session::new(ctx.deps.clone(), ctx.model.clone());
         let session_task = tokio::spawn(session.run(in_rx, out_tx, session_end.clone()));
@@ -263,17 +285,31 @@ impl CallTask {
                         // The spoken answer (24 kHz PCM16, base64) goes out on the Opus
                         // track instead of silence; as in OpenAI's WebRTC flow the audio
                         // itself is not sent as data channel events.
-                        if let ServerEvent::ResponseOutputAudioDelta { delta, .. } = &ev {
+                        if let ServerEvent::ResponseOutputAudioDelta { delta, response_id, .. } = &ev {
+                            if cleared_response.as_deref() == Some(response_id) {
+                                continue;
+                            }
                             if let Some(out) = ctx.calls.audio_out(&call_id) {
                                 use base64::Engine;
                                 let bytes = base64::engine::general_purpose::STANDARD.decode(delta).unwrap_or_default();
                                 let samples: Vec<f32> =
                                     bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / 32768.0).collect();
-                                if !out.send_24k(&samples).await {
+                                audio_response = Some(response_id.clone());
+                                if !out.send_24k(response_id, &samples).await {
                                     break "the call's audio track closed";
                                 }
                             }
                             continue;
+                        }
+                        // A response's end: its audio stops once sent; a cancelled one
+                        // (barge-in under server VAD, response.cancel) is cut off now.
+                        if let ServerEvent::ResponseDone { response } = &ev {
+                            if let Some(out) = ctx.calls.audio_out(&call_id) {
+                                if response.status == crate::protocol::ResponseStatus::Cancelled {
+                                    out.clear();
+                                }
+                                let _ = out.finish(&response.id).await;
+                            }
                         }
                         // The camera samples faster while the user speaks.
                         match &ev {
@@ -306,7 +342,7 @@ impl CallTask {
                         RTCPeerConnectionState::Connected if !connected => {
                             connected = true;
                             ctx.calls.connected();
-                            tokio::spawn(send_audio(self.track.clone(), self.sender.clone(), self.ssrc, outgoing.take(), done.clone()));
+                            tokio::spawn(send_audio(self.track.clone(), self.sender.clone(), self.ssrc, outgoing.take(), playback_tx.clone(), done.clone()));
                         }
                         RTCPeerConnectionState::Failed => break "ICE or DTLS failed",
                         RTCPeerConnectionState::Closed => break "the peer closed the connection",
@@ -321,8 +357,17 @@ impl CallTask {
                         continue;
                     }
                     let (dc2, in_tx2, tx2, done2, max) = (dc.clone(), in_tx.clone(), self.tx.clone(), done.clone(), ctx.max_message_bytes);
+                    let (clear_tx, mut clear_rx) = mpsc::unbounded_channel();
+                    let tx3 = self.tx.clone();
                     tokio::spawn(async move {
-                        super::datachannel::read_events(dc2, in_tx2, max, done2).await;
+                        while clear_rx.recv().await.is_some() {
+                            if tx3.send(PeerEvent::ClearAudio).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    tokio::spawn(async move {
+                        super::datachannel::read_events(dc2, in_tx2, clear_tx, max, done2).await;
                         let _ = tx2.send(PeerEvent::EventsClosed);
                     });
                     let mut failed = false;
@@ -347,6 +392,15 @@ impl CallTask {
                     _ => {}
                 },
                 Some(PeerEvent::EventsClosed) => break "the data channel closed",
+                Some(PeerEvent::ClearAudio) => {
+                    // The audio still queued is dropped (the send task reports
+                    // output_audio_buffer.cleared), and so are the rest of the
+                    // response's deltas should it still be generating.
+                    if let Some(out) = ctx.calls.audio_out(&call_id) {
+                        out.clear();
+                    }
+                    cleared_response = audio_response.clone();
+                }
             }
         };
         tracing::info!(call = %call_id, "webrtc call ending: {why}");
@@ -404,6 +458,7 @@ async fn send_audio(
     sender: Arc<dyn RtpSender>,
     ssrc: u32,
     out: Option<OutgoingAudio>,
+    playback: mpsc::WeakSender<ServerEvent>,
     done: CancellationToken,
 ) {
     let mut out = match out.map(Ok).unwrap_or_else(|| audio::outgoing().map(|(_, o)| o)) {
@@ -427,7 +482,8 @@ async fn send_audio(
             _ = done.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let packet = match out.next_packet() {
+        let mut report = Vec::new();
+        let packet = match out.next_packet(&mut report) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!("opus encoding failed: {e}");
@@ -437,6 +493,20 @@ async fn send_audio(
         let sample = Sample { data: bytes::Bytes::from(packet), duration: OutgoingAudio::FRAME, ..Sample::new(std::time::Instant::now()) };
         if track.sample_writer(ssrc, payload_type).write_sample(&sample).await.is_err() {
             return;
+        }
+        for p in report {
+            let ev = match p {
+                audio::Playback::Started(response_id) => ServerEvent::OutputAudioBufferStarted { response_id },
+                audio::Playback::Stopped(response_id) => ServerEvent::OutputAudioBufferStopped { response_id },
+                audio::Playback::Cleared(response_id) => ServerEvent::OutputAudioBufferCleared { response_id },
+            };
+            // Never wait here: the track's 20 ms pace comes first.
+            match playback.upgrade() {
+                Some(tx) => {
+                    let _ = tx.try_send(ev);
+                }
+                None => return,
+            }
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The `oai-events` data channel: the Realtime protocol's JSON events, exactly as the
 //! WebSocket carries them. Messages in are parsed by the same [`parse_client_event`]
 //! and go to the same [`Session`](crate::session::Session); events out are written by
-//! the same [`to_wire`] (so they carry the same `event_id`s).
+//! the same [`to_wire`] (so they carry the same `event_id`s). One client event belongs
+//! to the transport instead: `output_audio_buffer.clear` cuts off the audio queued on
+//! the call's track, which only the call holds.
 
 use std::sync::Arc;
 
@@ -9,7 +11,7 @@ use ::webrtc::data_channel::{DataChannel, DataChannelEvent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{parse_client_event, ProtocolError};
+use crate::protocol::{parse_client_event, ClientEvent, ProtocolError};
 use crate::session::SessionInput;
 
 /// The channel's label in OpenAI's WebRTC flow.
@@ -17,7 +19,14 @@ pub const LABEL: &str = "oai-events";
 
 /// Reads client events from the channel into the session until the channel closes,
 /// the session is gone, or `done` fires. Returns when the channel is finished.
-pub async fn read_events(dc: Arc<dyn DataChannel>, session: mpsc::Sender<SessionInput>, max_bytes: usize, done: CancellationToken) {
+/// `output_audio_buffer.clear` goes to `clear` (the call task), not to the session.
+pub async fn read_events(
+    dc: Arc<dyn DataChannel>,
+    session: mpsc::Sender<SessionInput>,
+    clear: mpsc::UnboundedSender<()>,
+    max_bytes: usize,
+    done: CancellationToken,
+) {
     loop {
         let ev = tokio::select! {
             _ = done.cancelled() => return,
@@ -39,6 +48,10 @@ pub async fn read_events(dc: Arc<dyn DataChannel>, session: mpsc::Sender<Session
                 } else {
                     match std::str::from_utf8(&msg.data) {
                         Ok(text) => match parse_client_event(text) {
+                            Ok(env) if matches!(env.event, ClientEvent::OutputAudioBufferClear {}) => {
+                                let _ = clear.send(());
+                                continue;
+                            }
                             Ok(env) => SessionInput::Client(env),
                             Err(e) => SessionInput::Invalid(e),
                         },

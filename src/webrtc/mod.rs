@@ -1,14 +1,15 @@
 //! Browser sessions over WebRTC, the OpenAI Realtime way: a page posts its SDP offer
 //! to `POST /v1/realtime/calls` and gets hark's answer; JSON events then flow on the
 //! `oai-events` data channel through the very [`Session`](crate::session::Session)
-//! the WebSocket uses, the microphone arrives as Opus, the camera as VP8.
+//! the WebSocket uses, the microphone arrives as Opus, the camera as VP8 or H.264.
 //!
 //! - `secrets.rs`: ephemeral `ek_…` keys (`POST /v1/realtime/client_secrets`);
 //! - `signaling.rs`: the offer, checked before anything is built;
 //! - `call.rs`: the peer connection and the task that runs one call;
 //! - `datachannel.rs`: `oai-events` ↔ the session;
 //! - `audio.rs`: Opus in (→ 48 kHz → the session's audio stages) and out;
-//! - `video.rs`: camera frames sampled into the context.
+//! - `video.rs`: camera frames sampled into the context (VP8 decoded there);
+//! - `h264.rs`: H.264 access units out of RTP, and their decoder.
 //!
 //! The HTTP side (routes, keys, error bodies) lives in `server/calls.rs`; this module
 //! knows no HTTP.
@@ -16,6 +17,7 @@
 pub mod audio;
 pub mod call;
 pub mod datachannel;
+pub mod h264;
 pub mod secrets;
 pub mod signaling;
 pub mod video;
@@ -89,6 +91,10 @@ pub struct CallStats {
     pub duration: Duration,
     pub frames_sampled: u64,
     pub keyframe_requests: u64,
+    /// The camera's codec ("vp8", "h264"; empty: no camera).
+    pub video_codec: String,
+    /// Time spent decoding the sampled frames, µs.
+    pub decode_micros: u64,
     /// Why it ended.
     pub reason: String,
 }
@@ -128,13 +134,25 @@ impl Calls {
     fn unregister(&self, call_id: &str, connected: bool, duration: Duration, reason: &str) {
         let call = self.open.lock().unwrap_or_else(|p| p.into_inner()).remove(call_id);
         self.ended_total.fetch_add(1, Ordering::Relaxed);
-        let (frames_sampled, keyframe_requests) =
-            call.map_or((0, 0), |c| (c.video.sampled.load(Ordering::Relaxed), c.video.keyframe_requests.load(Ordering::Relaxed)));
+        let video = call.map(|c| c.video).unwrap_or_default();
+        let frames_sampled = video.sampled.load(Ordering::Relaxed);
+        let keyframe_requests = video.keyframe_requests.load(Ordering::Relaxed);
+        let decode_micros = video.decode_micros.load(Ordering::Relaxed);
+        let video_codec = video.codec.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
         if ended.len() == ENDED_KEPT {
             ended.pop_front();
         }
-        ended.push_back(CallStats { call_id: call_id.to_string(), connected, duration, frames_sampled, keyframe_requests, reason: reason.to_string() });
+        ended.push_back(CallStats {
+            call_id: call_id.to_string(),
+            connected,
+            duration,
+            frames_sampled,
+            keyframe_requests,
+            video_codec,
+            decode_micros,
+            reason: reason.to_string(),
+        });
     }
 
     /// The calls that ended most recently, oldest first.

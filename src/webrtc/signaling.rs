@@ -19,6 +19,8 @@ pub enum OfferError {
     NoAudio,
     #[error("The SDP offer's audio offers only {0}; hark decodes Opus (audio/opus 48000/2).")]
     NoOpus(String),
+    #[error("The SDP offer's video offers only {0}; hark decodes VP8 and H.264 (packetization-mode 0 or 1). Offer one of them, or leave the camera out.")]
+    NoVideoCodec(String),
     #[error("The SDP offer has no data channel (m=application); create the \"oai-events\" data channel before creating the offer.")]
     NoDataChannel,
 }
@@ -31,8 +33,10 @@ pub struct Offer {
     pub video: bool,
 }
 
-/// Video codecs hark decodes (see `video.rs`).
-const DECODABLE_VIDEO: [&str; 1] = ["vp8"];
+/// Video codecs hark decodes (see `video.rs`, `h264.rs`).
+const DECODABLE_VIDEO: [&str; 2] = ["vp8", "h264"];
+/// Not codecs of their own: retransmission, redundancy and FEC wrap the others.
+const VIDEO_HELPERS: [&str; 4] = ["rtx", "red", "ulpfec", "flexfec-03"];
 
 pub fn parse_offer(sdp: &str) -> Result<Offer, OfferError> {
     if sdp.trim().is_empty() {
@@ -68,7 +72,14 @@ pub fn parse_offer(sdp: &str) -> Result<Offer, OfferError> {
     if !parsed.media_descriptions.iter().any(|m| m.media_name.media == "application") {
         return Err(OfferError::NoDataChannel);
     }
-    let video = codecs_of("video").iter().any(|c| DECODABLE_VIDEO.contains(&c.as_str()));
+    // A camera in codecs hark cannot decode would be accepted and then silently never
+    // reach the model: refused instead, naming what was offered.
+    let mut video_codecs: Vec<String> = codecs_of("video").into_iter().filter(|c| !VIDEO_HELPERS.contains(&c.as_str())).collect();
+    let video = video_codecs.iter().any(|c| DECODABLE_VIDEO.contains(&c.as_str()));
+    if !video && !video_codecs.is_empty() {
+        video_codecs.dedup();
+        return Err(OfferError::NoVideoCodec(video_codecs.join(", ")));
+    }
     Ok(Offer { description, video })
 }
 
@@ -95,5 +106,9 @@ mod tests {
         let ok = format!("{HEAD}{}{DATA}", audio("a=rtpmap:111 opus/48000/2\r\n"));
         assert!(!parse_offer(&ok).unwrap().video);
         assert!(parse_offer(&ok.replace("\r\n", "\n")).is_ok(), "bare LF is accepted");
+        let video = |codecs: &str| format!("{ok}m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\n{codecs}");
+        let vp9 = video("a=rtpmap:98 VP9/90000\r\na=rtpmap:99 rtx/90000\r\na=rtpmap:45 AV1/90000\r\n");
+        assert_eq!(parse_offer(&vp9).unwrap_err(), OfferError::NoVideoCodec("vp9, av1".into()));
+        assert!(parse_offer(&video("a=rtpmap:102 H264/90000\r\n")).unwrap().video);
     }
 }

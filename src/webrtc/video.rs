@@ -1,8 +1,9 @@
-//! The camera: VP8 over RTP, sampled into the session as images.
+//! The camera: VP8 or H.264 over RTP, sampled into the session as images.
 //!
-//! Only sampled frames are decoded. A VP8 inter frame needs every frame before it, so
+//! Only sampled frames are decoded. An inter frame needs every frame before it, so
 //! decoding "only some" frames means decoding keyframes: when a sample is due, hark
-//! asks the browser for a keyframe (RTCP PLI), decodes that one frame alone, converts
+//! asks the browser for a keyframe (RTCP PLI), decodes that one frame alone (libvpx for
+//! VP8, OpenH264 for H.264: see `h264.rs`), converts
 //! and resizes it to the frame budget (both sides multiples of 48, at most
 //! `frame_tokens` 48×48 patches), and sends it to the session as a JPEG data URL. The
 //! rest of the stream is dropped unparsed beyond the RTP payload header: no frame is
@@ -21,6 +22,7 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::h264::{H264Assembler, H264Decoder};
 use crate::session::SessionInput;
 
 /// How often frames are sampled, and how big they may be.
@@ -40,12 +42,16 @@ pub struct VideoState {
     pub sampled: AtomicU64,
     /// Keyframes requested (PLI sent).
     pub keyframe_requests: AtomicU64,
+    /// Time spent decoding sampled frames, µs (decode + colour conversion).
+    pub decode_micros: AtomicU64,
+    /// The camera's codec ("vp8", "h264"), once its track arrived.
+    pub codec: std::sync::Mutex<String>,
 }
 
 /// A keyframe asked for but not seen this long is asked for again.
 const PLI_RETRY: Duration = Duration::from_millis(500);
-/// Largest VP8 frame assembled (a 1080p keyframe is well under this).
-const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
+/// Largest frame assembled (a 1080p keyframe is well under this).
+pub(super) const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 /// JPEG quality of frames handed to the session.
 const JPEG_QUALITY: u8 = 85;
 /// One patch of the model's image grid.
@@ -53,8 +59,8 @@ const PATCH: usize = 48;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VideoError {
-    #[error("vp8 decoder: {0}")]
-    Decoder(String),
+    #[error("{0} decoder: {1}")]
+    Decoder(&'static str, String),
     #[error("unsupported decoded image format {0}")]
     Format(u32),
     #[error("jpeg: {0}")]
@@ -205,7 +211,7 @@ impl Vp8Decoder {
             vpx_sys::vpx_codec_dec_init_ver(&mut *ctx, vpx_sys::vpx_codec_vp8_dx(), &cfg, 0, vpx_sys::VPX_DECODER_ABI_VERSION as i32)
         };
         if err != vpx_sys::vpx_codec_err_t::VPX_CODEC_OK {
-            return Err(VideoError::Decoder(format!("init failed ({err:?})")));
+            return Err(VideoError::Decoder("vp8", format!("init failed ({err:?})")));
         }
         Ok(Self { ctx })
     }
@@ -215,7 +221,7 @@ impl Vp8Decoder {
         // SAFETY: `frame` outlives the call; the context was initialised.
         let err = unsafe { vpx_sys::vpx_codec_decode(&mut *self.ctx, frame.as_ptr(), frame.len() as u32, std::ptr::null_mut(), 0) };
         if err != vpx_sys::vpx_codec_err_t::VPX_CODEC_OK {
-            return Err(VideoError::Decoder(format!("decode failed ({err:?})")));
+            return Err(VideoError::Decoder("vp8", format!("decode failed ({err:?})")));
         }
         let mut iter: vpx_sys::vpx_codec_iter_t = std::ptr::null();
         let mut out = None;
@@ -262,6 +268,78 @@ unsafe fn i420_to_rgb(img: &vpx_sys::vpx_image_t) -> Result<(Vec<u8>, usize, usi
     Ok((rgb, w, h))
 }
 
+/// The same conversion over planes given as slices with their strides (OpenH264's
+/// output); a plane shorter than its size says is an error, not a panic.
+pub(super) fn yuv420_to_rgb(
+    (y_plane, ys): (&[u8], usize),
+    (u_plane, us): (&[u8], usize),
+    (v_plane, vs): (&[u8], usize),
+    w: usize,
+    h: usize,
+) -> Result<(Vec<u8>, usize, usize), VideoError> {
+    let fits = |plane: &[u8], stride: usize, pw: usize, ph: usize| ph == 0 || (stride >= pw && plane.len() >= (ph - 1) * stride + pw);
+    if w == 0 || h == 0 || !fits(y_plane, ys, w, h) || !fits(u_plane, us, w.div_ceil(2), h.div_ceil(2)) || !fits(v_plane, vs, w.div_ceil(2), h.div_ceil(2)) {
+        return Err(VideoError::Decoder("h264", format!("a decoded {w}x{h} picture with planes too small for it")));
+    }
+    let mut rgb = vec![0u8; w * h * 3];
+    for y in 0..h {
+        for x in 0..w {
+            let yy = y_plane[y * ys + x] as f32;
+            let u = u_plane[(y / 2) * us + x / 2] as f32 - 128.0;
+            let v = v_plane[(y / 2) * vs + x / 2] as f32 - 128.0;
+            let c = 1.164 * (yy - 16.0);
+            let px = &mut rgb[(y * w + x) * 3..][..3];
+            px[0] = (c + 1.596 * v).clamp(0.0, 255.0) as u8;
+            px[1] = (c - 0.392 * u - 0.813 * v).clamp(0.0, 255.0) as u8;
+            px[2] = (c + 2.017 * u).clamp(0.0, 255.0) as u8;
+        }
+    }
+    Ok((rgb, w, h))
+}
+
+/// A camera stream hark decodes: its frame assembler and its decoder.
+enum Camera {
+    Vp8(Vp8Assembler, Vp8Decoder),
+    H264(H264Assembler, H264Decoder),
+}
+
+impl Camera {
+    /// For the track's codec (its mime type); `Ok(None)`: not one hark decodes.
+    fn for_mime(mime: &str) -> Result<Option<Self>, VideoError> {
+        Ok(match mime {
+            "video/vp8" => Some(Camera::Vp8(Vp8Assembler::default(), Vp8Decoder::new()?)),
+            "video/h264" => Some(Camera::H264(H264Assembler::default(), H264Decoder::new()?)),
+            _ => None,
+        })
+    }
+
+    /// Not sampling: any partial frame is dropped.
+    fn reset(&mut self) {
+        match self {
+            Camera::Vp8(a, _) => *a = Vp8Assembler::default(),
+            Camera::H264(a, _) => *a = H264Assembler::default(),
+        }
+    }
+
+    /// Feeds one RTP packet; a complete frame and whether it is a keyframe.
+    fn push(&mut self, header: &rtc::rtp::Header, payload: &[u8]) -> Option<(Vec<u8>, bool)> {
+        match self {
+            Camera::Vp8(a, _) => a.push(header.sequence_number, header.marker, payload).map(|f| {
+                let key = is_keyframe(&f);
+                (f, key)
+            }),
+            Camera::H264(a, _) => a.push(header.sequence_number, header.timestamp, header.marker, payload).map(|au| (au.bytes, au.keyframe)),
+        }
+    }
+
+    fn decode_rgb(&mut self, frame: &[u8]) -> Result<Option<(Vec<u8>, usize, usize)>, VideoError> {
+        match self {
+            Camera::Vp8(_, d) => d.decode_rgb(frame),
+            Camera::H264(_, d) => d.decode_rgb(frame),
+        }
+    }
+}
+
 /// The largest size keeping the aspect ratio whose sides are multiples of 48 and that
 /// holds at most `budget` patches (the model's per-frame image budget).
 pub fn frame_size(width: usize, height: usize, budget: usize) -> (usize, usize) {
@@ -303,20 +381,20 @@ pub async fn read_video(
         None => String::new(),
     };
     let media_ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
-    let mut decoder = match (mime.as_str(), Vp8Decoder::new()) {
-        ("video/vp8", Ok(d)) => Some(d),
-        (_, Err(e)) => {
-            tracing::warn!("camera frames are not sampled: {e}");
+    *state.codec.lock().unwrap_or_else(|p| p.into_inner()) = mime.trim_start_matches("video/").to_string();
+    let mut camera = match Camera::for_mime(&mime) {
+        Ok(Some(c)) => Some(c),
+        Ok(None) => {
+            tracing::warn!("camera frames are not sampled: hark decodes VP8 and H.264, the browser sends {mime:?}");
             None
         }
-        (other, _) => {
-            tracing::warn!("camera frames are not sampled: hark decodes VP8, the browser sends {other:?}");
+        Err(e) => {
+            tracing::warn!("camera frames are not sampled: {e}");
             None
         }
     };
     let budget = settings.frame_tokens;
     let mut sampler = Sampler::new(settings);
-    let mut assembler = Vp8Assembler::default();
     let mut asked: Option<Instant> = None;
     loop {
         let ev = tokio::select! {
@@ -328,16 +406,16 @@ pub async fn read_video(
             Some(TrackRemoteEvent::OnRtpPacket(p)) => p,
             Some(_) => continue,
         };
-        let Some(dec) = decoder.as_mut() else { continue };
+        let Some(cam) = camera.as_mut() else { continue };
         let now = Instant::now();
         if !sampler.due(now, state.speaking.load(Ordering::Relaxed)) {
             // Not sampling: nothing is assembled or decoded.
-            assembler = Vp8Assembler::default();
+            cam.reset();
             asked = None;
             continue;
         }
-        let Some(frame) = assembler.push(packet.header.sequence_number, packet.header.marker, &packet.payload) else { continue };
-        if !is_keyframe(&frame) {
+        let Some((frame, keyframe)) = cam.push(&packet.header, &packet.payload) else { continue };
+        if !keyframe {
             if asked.is_none_or(|t| now.duration_since(t) >= PLI_RETRY) {
                 asked = Some(now);
                 state.keyframe_requests.fetch_add(1, Ordering::Relaxed);
@@ -345,7 +423,10 @@ pub async fn read_video(
             }
             continue;
         }
-        let url = match dec.decode_rgb(&frame).and_then(|d| d.map(|(rgb, w, h)| to_data_url(rgb, w, h, budget)).transpose()) {
+        let t = Instant::now();
+        let decoded = cam.decode_rgb(&frame);
+        state.decode_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let url = match decoded.and_then(|d| d.map(|(rgb, w, h)| to_data_url(rgb, w, h, budget)).transpose()) {
             Ok(Some(url)) => url,
             Ok(None) => continue,
             Err(e) => {

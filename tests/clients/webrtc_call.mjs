@@ -83,13 +83,24 @@ try {
     const holdMs = Number(process.env.HOLD_MS || 0);
     // AUDIO_OUT=1: the session asks for spoken answers (they come on hark's track).
     const audioOut = process.env.AUDIO_OUT === '1';
-    Object.assign(result, await page.evaluate(async ({ base, key, waitMs, holdMs, audioOut }) => {
+    // VIDEO_CODEC=h264: the camera is offered in H.264 only (setCodecPreferences).
+    const videoCodec = process.env.VIDEO_CODEC || '';
+    // CLEAR_ON_START=1: the page cuts the spoken answer off as soon as it starts playing.
+    const clearOnStart = process.env.CLEAR_ON_START === '1';
+    // The event the call waits for (then holds for HOLD_MS from its start).
+    const until = process.env.UNTIL || 'response.done';
+    Object.assign(result, await page.evaluate(async ({ base, key, waitMs, holdMs, audioOut, videoCodec, clearOnStart, until }) => {
       const t0 = performance.now();
       const events = [];
       const pc = new RTCPeerConnection();
       const audio = pc.addTransceiver('audio', { direction: 'sendrecv' });
       const camera = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 } });
       pc.addTrack(camera.getVideoTracks()[0], camera);
+      if (videoCodec) {
+        const want = RTCRtpReceiver.getCapabilities('video').codecs.filter((c) => c.mimeType.toLowerCase() === `video/${videoCodec}`);
+        if (!want.length) return { status: 0, body: `this browser cannot send ${videoCodec}` };
+        pc.getTransceivers().find((t) => t.sender.track?.kind === 'video').setCodecPreferences(want);
+      }
       const remoteTrack = new Promise((resolve) => {
         pc.ontrack = (e) => {
           // Played, as a page would: Chromium decodes a received track only for playout.
@@ -105,7 +116,8 @@ try {
       dc.addEventListener('message', (e) => {
         const ev = JSON.parse(e.data);
         events.push({ at: performance.now() - t0, ...ev });
-        if (ev.type === 'response.done') done('response.done');
+        if (ev.type === until) done(until);
+        if (clearOnStart && ev.type === 'output_audio_buffer.started') dc.send(JSON.stringify({ type: 'output_audio_buffer.clear', event_id: 'clear_1' }));
       });
       const opened = new Promise((resolve) => dc.addEventListener('open', resolve));
       const offer = await pc.createOffer();
@@ -145,14 +157,18 @@ try {
       const remote = await Promise.race([remoteTrack, Promise.resolve('none')]);
       // hark's audio track: RTP packets that arrived and decoded.
       let inboundAudio = null;
-      (await pc.getStats()).forEach((r) => {
+      const stats = await pc.getStats();
+      let sentVideo = null;
+      stats.forEach((r) => {
         if (r.type === 'inbound-rtp' && r.kind === 'audio') inboundAudio = { packets: r.packetsReceived, samples: r.totalSamplesReceived, lost: r.packetsLost, energy: r.totalAudioEnergy };
+        // The camera's codec as the browser sent it, and its keyframes (PLI answered).
+        if (r.type === 'outbound-rtp' && r.kind === 'video') sentVideo = { codec: stats.get(r.codecId)?.mimeType, frames: r.framesEncoded, keyFrames: r.keyFramesEncoded, pli: r.pliCount };
       });
       pc.close();
       mic.getTracks().forEach((t) => t.stop());
       camera.getTracks().forEach((t) => t.stop());
-      return { status, location, how, state, remote, micAt, imageBytes, inboundAudio, events };
-    }, { base, key, waitMs, holdMs, audioOut }));
+      return { status, location, how, state, remote, micAt, imageBytes, inboundAudio, sentVideo, events };
+    }, { base, key, waitMs, holdMs, audioOut, videoCodec, clearOnStart, until }));
     // A reused key is refused.
     const again = await fetch(`${base}/v1/realtime/calls`, {
       method: 'POST', body: 'v=0', headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/sdp' },
