@@ -139,6 +139,17 @@ async fn run_attached(socket: WebSocket, local: Arc<super::local::LocalSession>,
     writer.abort();
 }
 
+/// The `event_id` of a message, found without parsing it: parsing a refused message in
+/// full would cost what refusing it saves. A key inside a JSON string has its quotes
+/// escaped, so the first bare `"event_id"` is a key (of the event, or in the rare case
+/// of a nested object of the same name, of that — only the error's label suffers).
+fn scan_event_id(text: &str) -> Option<String> {
+    let at = text.find("\"event_id\"")? + "\"event_id\"".len();
+    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let id = &rest[..rest.find('"')?];
+    (id.len() <= 256 && !id.contains('\\')).then(|| id.to_string())
+}
+
 /// Messages refused for the budget in a row before the session is closed (1008).
 const MAX_REFUSED_IN_A_ROW: u32 = 64;
 
@@ -220,13 +231,8 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
                         close_code.store(1008, Ordering::Relaxed);
                         break;
                     }
-                    // Parsing a refused message in full would cost what refusing it saves.
-                    let event_id = (text.len() <= 64 * 1024)
-                        .then(|| serde_json::from_str::<serde_json::Value>(text.as_str()).ok())
-                        .flatten()
-                        .and_then(|v| v.get("event_id").and_then(|e| e.as_str()).map(String::from));
                     let mut err = e.to_protocol();
-                    err.event_id = event_id;
+                    err.event_id = scan_event_id(text.as_str());
                     if in_tx.send(SessionInput::Invalid(err)).await.is_err() {
                         break;
                     }
@@ -247,10 +253,8 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
                 }
                 break;
             }
-            Some(Ok(Message::Text(text))) => match parse_client_event(text.as_str()) {
-                Ok(env) => SessionInput::Client(env),
-                Err(e) => SessionInput::Invalid(e),
-            },
+            // Text frames were taken above.
+            Some(Ok(Message::Text(_))) => continue,
             Some(Ok(Message::Binary(_))) => SessionInput::Invalid(ProtocolError::new(
                 "invalid_message",
                 "Binary frames are not part of the Realtime protocol; send JSON text frames.",
@@ -264,4 +268,17 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
     drop(in_tx);
     let _ = session_task.await;
     let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scan_event_id;
+
+    #[test]
+    fn event_ids_are_found_without_parsing() {
+        assert_eq!(scan_event_id(r#"{"audio":"AAAA","event_id" : "e1","type":"x"}"#).as_deref(), Some("e1"));
+        assert_eq!(scan_event_id(r#"{"type":"x","text":"say \"event_id\": \"no\""}"#), None);
+        assert_eq!(scan_event_id(r#"{"event_id":12}"#), None);
+        assert_eq!(scan_event_id(r#"{"event_id":"unterminated"#), None);
+    }
 }
