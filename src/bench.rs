@@ -1,5 +1,7 @@
 //! `hark bench …`: measurements that print tables (never timed assertions in tests).
 
+pub mod load;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
