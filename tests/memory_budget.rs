@@ -138,3 +138,64 @@ async fn an_image_over_its_budget_is_kept_re_encoded() {
     let back = image::load_from_memory(&bytes).unwrap();
     assert!((back.width() as f64 / back.height() as f64 - 4.0 / 3.0).abs() < 0.01);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_is_cut_off_while_another_session_gets_its_answer() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let model = ScriptedModel::start().await;
+    let mut cfg = test_config(&model.base_url());
+    cfg.session.turn_detection = None;
+    cfg.session.limits.max_session_bytes = 2 << 20;
+    cfg.server.client_read_timeout_ms = 2000;
+    let hark = Hark::start(cfg).await;
+    // The flooder appends a second of audio at a time as fast as it can; it reads what
+    // comes back (a fast sender, not a slow reader).
+    let (ws, _) = tokio_tungstenite::connect_async(hark.ws_url()).await.unwrap();
+    let (mut flood_tx, mut flood_rx) = futures_util::StreamExt::split(ws);
+    let reader = tokio::spawn(async move {
+        let (mut code, mut errors) = (None, Vec::new());
+        while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(30), futures_util::StreamExt::next(&mut flood_rx)).await {
+            match msg {
+                Ok(Message::Close(frame)) => {
+                    code = frame.map(|f| u16::from(f.code));
+                    break;
+                }
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["type"] == "error" {
+                        errors.push(v["error"]["code"].as_str().unwrap_or("").to_string());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        (code, errors)
+    });
+    let chunk = json!({"type": "input_audio_buffer.append", "audio": b64(&sine_pcm24(1.0, 300.0))}).to_string();
+    let flooder = tokio::spawn(async move {
+        let mut sent = 0u32;
+        // Until hark stops taking them.
+        while sent < 100_000 {
+            match tokio::time::timeout(Duration::from_secs(5), flood_tx.send(Message::text(chunk.clone()))).await {
+                Ok(Ok(())) => sent += 1,
+                _ => break,
+            }
+        }
+        sent
+    });
+    // Meanwhile another session asks and is answered.
+    let mut calm = Client::connect(&hark.ws_url()).await;
+    model.push(Reply::text("answered"));
+    calm.send(json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}})).await;
+    calm.send(json!({"type": "response.create"})).await;
+    let done = calm.until("response.done").await;
+    assert_eq!(done["response"]["status"], "completed", "{done}");
+    // hark closed the flooder with a policy close (1008), after errors that say why.
+    let (code, errors) = reader.await.unwrap();
+    let sent = flooder.await.unwrap();
+    assert_eq!(code, Some(1008), "the flooder ({sent} appends) was not closed for flooding; errors seen: {errors:?}");
+    assert!(errors.iter().filter(|c| *c == "session_memory_exceeded").count() > 10, "{errors:?}");
+    calm.assert_alive().await;
+}

@@ -268,6 +268,17 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
     drop(in_tx);
     let _ = session_task.await;
     let _ = writer.await;
+    // The closing handshake: read on until the client's Close (or a second). Dropping
+    // a socket with unread input resets the connection, and a client that is still
+    // sending would lose the error and the close frame that say why it was closed.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(m)) = stream.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]
