@@ -19,7 +19,10 @@ impl Session {
     pub(super) fn keep_within_limits(&mut self) {
         self.buffer_charge.set(self.buffer.samples.len() as u64 * std::mem::size_of::<i16>() as u64);
         self.conversation_charge.set(self.conversation.bytes());
-        if self.conversation.len() > self.deps.max_items || self.budget.used() > self.budget.limit() {
+        // Only what the session keeps rolls it: queued messages pass by themselves, and
+        // a client slow to read should not cost the conversation its history.
+        let kept = self.conversation_charge.bytes() + self.buffer_charge.bytes();
+        if self.conversation.len() > self.deps.max_items || kept > self.budget.limit() {
             self.roll(0, 0);
         }
     }
