@@ -106,30 +106,75 @@ pub fn check(path: &Path) -> CheckReport {
     report
 }
 
-/// How many sessions the KV budget keeps cached, at a short and at a full context,
-/// next to `server.max_sessions`: sessions beyond it still run, but their caches are
-/// evicted (least recently used) and their next turn prefills its context again.
-fn kv_note(config: &Config, text: &crate::model::gemma4::config::TextConfig) -> String {
-    let dtype_bytes = match config.backend.embedded.dtype.as_str() {
+/// Most sessions `server.max_sessions: auto` admits.
+pub const AUTO_MAX_SESSIONS: usize = 64;
+
+/// Context length a session is assumed to reach when `auto` sizes the session limit
+/// from the KV budget: a conversation of some minutes, not the full window.
+const AUTO_CONTEXT_TOKENS: usize = 8192;
+
+fn dtype_bytes(config: &Config) -> usize {
+    match config.backend.embedded.dtype.as_str() {
         "f32" => 4,
         _ => 2,
-    };
-    let (fixed, per_token) = kv_cost(text, dtype_bytes);
-    let budget = config.backend.embedded.kv_budget_mb.saturating_mul(1 << 20);
+    }
+}
+
+/// Sessions whose KV caches fit `backend.embedded.kv_budget_mb` at `tokens` of context.
+fn sessions_that_fit(config: &Config, text: &crate::model::gemma4::config::TextConfig, tokens: usize) -> usize {
+    let (fixed, per_token) = kv_cost(text, dtype_bytes(config));
+    config.backend.embedded.kv_budget_mb.saturating_mul(1 << 20) / (fixed + per_token * tokens).max(1)
+}
+
+/// `server.max_sessions: auto` on the embedded model: the sessions whose caches fit the
+/// KV budget at 8K tokens of context, at least 1 and at most [`AUTO_MAX_SESSIONS`].
+/// More would run, but each would evict another's cache and prefill its whole context
+/// again at every turn.
+pub fn auto_max_sessions(config: &Config, text: &crate::model::gemma4::config::TextConfig) -> usize {
+    sessions_that_fit(config, text, AUTO_CONTEXT_TOKENS).clamp(1, AUTO_MAX_SESSIONS)
+}
+
+/// The session limit the server applies, and where it comes from (for the log).
+pub fn max_sessions(config: &Config) -> (usize, String) {
+    if let Some(n) = config.server.max_sessions {
+        return (n, "server.max_sessions".into());
+    }
+    if config.backend.kind != BackendKind::Embedded {
+        return (AUTO_MAX_SESSIONS, "server.max_sessions: auto, remote backend".into());
+    }
+    let file = config.resolve(&config.backend.embedded.checkpoint).join("config.json");
+    match crate::model::gemma4::Gemma4Config::from_file(&file) {
+        Ok(model) => (
+            auto_max_sessions(config, &model.text),
+            format!("server.max_sessions: auto, what backend.embedded.kv_budget_mb ({} MiB) keeps cached at 8K tokens", config.backend.embedded.kv_budget_mb),
+        ),
+        Err(e) => (AUTO_MAX_SESSIONS, format!("server.max_sessions: auto, default (cannot read {}: {e})", file.display())),
+    }
+}
+
+/// How many sessions the KV budget keeps cached, at a short and at a full context, and
+/// the session limit that follows: sessions beyond what fits would evict each other's
+/// caches (least recently used) and prefill their context again when they next speak.
+fn kv_note(config: &Config, text: &crate::model::gemma4::config::TextConfig) -> String {
+    let (fixed, per_token) = kv_cost(text, dtype_bytes(config));
     let full = config.session.context.max_tokens.min(text.max_position_embeddings);
-    let fits = |tokens: usize| budget / (fixed + per_token * tokens).max(1);
     let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    let limit = match config.server.max_sessions {
+        None => format!("server.max_sessions is auto: {} sessions at once", auto_max_sessions(config, text)),
+        Some(n) if n > sessions_that_fit(config, text, AUTO_CONTEXT_TOKENS) => {
+            format!("server.max_sessions is {n}: sessions beyond what fits re-prefill their context when they next speak")
+        }
+        Some(n) => format!("server.max_sessions is {n}"),
+    };
     format!(
         "backend.embedded.kv_budget_mb: {} MiB keeps {} sessions cached at 8K tokens of context, {} at the full {full} \
-         ({:.0} MiB + {:.1} KiB per token each, {}); server.max_sessions is {}: sessions beyond what fits re-prefill \
-         their context when they next speak",
+         ({:.0} MiB + {:.1} KiB per token each, {}); {limit}",
         config.backend.embedded.kv_budget_mb,
-        fits(8192),
-        fits(full),
+        sessions_that_fit(config, text, AUTO_CONTEXT_TOKENS),
+        sessions_that_fit(config, text, full),
         mib(fixed),
         per_token as f64 / 1024.0,
         config.backend.embedded.dtype,
-        config.server.max_sessions
     )
 }
 

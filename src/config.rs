@@ -51,7 +51,11 @@ pub struct ServerConfig {
     /// page and pages served over loopback; `"*"` allows any. Requests without an
     /// `Origin` header (programs, not browsers) are not affected.
     pub allowed_origins: Vec<String>,
-    pub max_sessions: usize,
+    /// Sessions served at once; more are refused (HTTP 503). `auto` (`None`): 64 on a
+    /// remote backend; on the embedded one, as many as `backend.embedded.kv_budget_mb`
+    /// keeps cached at 8K tokens of context, 1 to 64 (see [`crate::check::auto_max_sessions`]).
+    #[serde(deserialize_with = "auto_or_count")]
+    pub max_sessions: Option<usize>,
     /// Largest WebSocket message accepted from a client, in bytes.
     pub max_message_bytes: usize,
     /// Largest HTTP request body accepted (chat completions with audio and images).
@@ -561,7 +565,7 @@ impl Default for ServerConfig {
             port: 8765,
             api_keys: Vec::new(),
             allowed_origins: Vec::new(),
-            max_sessions: 64,
+            max_sessions: None,
             max_message_bytes: crate::protocol::MAX_CLIENT_MESSAGE_BYTES,
             max_request_bytes: 32 * 1024 * 1024,
             client_read_timeout_ms: 10_000,
@@ -687,7 +691,7 @@ impl Config {
         if self.session.limits.max_items < 2 || self.session.limits.max_session_bytes < 1 << 20 {
             return bad("session.limits: max_items must be at least 2 and max_session_bytes at least 1 MiB".into());
         }
-        if self.server.max_sessions == 0 {
+        if self.server.max_sessions == Some(0) {
             return bad("server.max_sessions: must be at least 1".into());
         }
         if !(self.backend.openai.base_url.starts_with("http://") || self.backend.openai.base_url.starts_with("https://")) {
@@ -807,6 +811,24 @@ fn apply_override(tree: &mut Value, var: &str, raw: &str) -> Result<(), ConfigEr
         node = map.entry(k).or_insert_with(|| Value::Mapping(Default::default()));
     }
     Ok(())
+}
+
+
+/// `auto` (or null) → `None`, a whole number → `Some(n)`.
+fn auto_or_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum AutoOrCount {
+        Count(usize),
+        Word(String),
+        Null(()),
+    }
+    match AutoOrCount::deserialize(d).map_err(|_| serde::de::Error::custom("expected a whole number or auto"))? {
+        AutoOrCount::Count(n) => Ok(Some(n)),
+        AutoOrCount::Null(()) => Ok(None),
+        AutoOrCount::Word(w) if w == "auto" => Ok(None),
+        AutoOrCount::Word(w) => Err(serde::de::Error::custom(format!("expected a whole number or auto, got \"{w}\""))),
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! same way, and the session code knows nothing of metrics.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -43,6 +44,31 @@ pub struct StageLabel {
     pub stage: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
+/// Audio lost before it reached a session's buffer (or pushed out of it), counted in
+/// 40 ms frames (the model's 640-sample frame at 16 kHz) by cause. The count is the
+/// audio's length over 40 ms, so it can be fractional: drops come in pieces of any
+/// length and rounding each up would overcount. A handle the audio paths keep (the
+/// session, the microphone): clones count into the same counters.
+#[derive(Clone, Debug, Default)]
+pub struct AudioDrops(Family<SourceLabel, Counter<f64, AtomicU64>>);
+
+impl AudioDrops {
+    /// `input_buffer_full`: the input buffer passed `audio.max_buffer_seconds` and its
+    /// oldest audio went. `append_too_large`: an `input_audio_buffer.append` over the
+    /// size limit was refused. `mic_ring_overrun`: the capture callback found the ring
+    /// full. `mic_queue_full`: the session fell behind the microphone.
+    pub fn count(&self, source: &str, samples: u64, rate: u32) {
+        if samples > 0 {
+            self.0.get_or_create(&SourceLabel { source: source.into() }).inc_by(samples as f64 * 25.0 / rate.max(1) as f64);
+        }
+    }
+}
+
 /// Every metric hark exports. Cheap to update from any task (atomics inside).
 pub struct Metrics {
     registry: Registry,
@@ -69,6 +95,7 @@ pub struct Metrics {
     pub session_bytes_limit: Gauge,
     /// Prompt tokens of each finished response over the context window's limit.
     pub context_fill_ratio: Histogram,
+    pub audio_frames_dropped: AudioDrops,
     /// The context window's limit in tokens (`session.context.max_tokens`).
     context_max_tokens: std::sync::atomic::AtomicU64,
 }
@@ -97,6 +124,7 @@ impl Default for Metrics {
             session_bytes: Gauge::default(),
             session_bytes_limit: Gauge::default(),
             context_fill_ratio: Histogram::new([0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0].into_iter()),
+            audio_frames_dropped: AudioDrops::default(),
             context_max_tokens: std::sync::atomic::AtomicU64::new(0),
             registry: Registry::default(),
         };
@@ -118,6 +146,11 @@ impl Default for Metrics {
             "context_fill_ratio",
             "prompt tokens of each finished response over the context window's limit",
             m.context_fill_ratio.clone(),
+        );
+        registry.register(
+            "audio_frames_dropped",
+            "40 ms frames of input audio lost, by cause (source)",
+            m.audio_frames_dropped.0.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -256,5 +289,19 @@ mod tests {
         assert!(text.contains("hark_sessions_active 0"), "{text}");
         assert!(text.contains("hark_sessions_total 1"), "{text}");
         assert!(text.contains(r#"hark_errors_total{code="backend_timeout"} 1"#), "{text}");
+    }
+
+    #[test]
+    fn dropped_audio_counts_40ms_frames() {
+        let m = Metrics::default();
+        let drops = m.audio_frames_dropped.clone();
+        drops.count("input_buffer_full", 640, 16_000);
+        drops.count("input_buffer_full", 320, 16_000);
+        drops.count("mic_ring_overrun", 480, 48_000);
+        drops.count("mic_queue_full", 0, 16_000);
+        let text = m.render();
+        assert!(text.contains(r#"hark_audio_frames_dropped_total{source="input_buffer_full"} 1.5"#), "{text}");
+        assert!(text.contains(r#"hark_audio_frames_dropped_total{source="mic_ring_overrun"} 0.25"#), "{text}");
+        assert!(!text.contains("mic_queue_full"), "{text}");
     }
 }

@@ -371,3 +371,37 @@ fn a_batched_forward_gives_each_sequence_its_own_logits() {
         assert_eq!(a.seq_len(), t.seq_len());
     }
 }
+
+/// `server.max_sessions: auto` on the embedded model admits as many sessions as the KV
+/// budget keeps cached at 8K tokens of context, and refuses the next one with a message
+/// naming the limit; a slot freed by a session that ended is taken by the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_budget_sets_how_many_sessions_are_admitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::embedded_test_config(dir.path());
+    let text = hark::model::gemma4::Gemma4Config::from_file(&dir.path().join("config.json")).unwrap().text;
+    let (fixed, per_token) = hark::check::kv_cost(&text, 4);
+    let two_sessions = 2 * (fixed + per_token * 8192);
+    cfg.backend.embedded.kv_budget_mb = two_sessions.div_ceil(1 << 20);
+    cfg.server.max_sessions = None;
+    assert_eq!(hark::check::max_sessions(&cfg).0, 2, "the budget was meant to fit two sessions");
+
+    let hark = common::Hark::start(cfg).await;
+    let url = hark.ws_url();
+    let first = common::Client::connect(&url).await;
+    let _second = common::Client::connect(&url).await;
+    let (status, body) = common::Client::refused(&url, &[]).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["error"]["code"], "too_many_sessions", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("limit of 2 sessions"), "{body}");
+
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok(_) => break,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "the ended session's slot was never freed: {e}"),
+        }
+        tokio::task::yield_now().await;
+    }
+}

@@ -95,3 +95,43 @@ async fn kv_cache_bytes_follow_the_embedded_model() {
     let held = scrape().await["hark_kv_cache_bytes{}"].as_f64().unwrap();
     assert!(held > 0.0 && held <= budget, "kv bytes {held}, budget {budget}");
 }
+
+/// Audio hark has to throw away is counted by cause: an input buffer past
+/// `audio.max_buffer_seconds` loses its oldest audio, and an append over the size
+/// limit is refused whole; both show in `hark_audio_frames_dropped_total` (40 ms frames).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_audio_frames_are_counted_by_cause() {
+    let model = ScriptedModel::start().await;
+    let mut cfg = test_config(&model.base_url());
+    cfg.audio.max_buffer_seconds = 1;
+    let hark = Hark::start(cfg).await;
+    let http = reqwest::Client::new();
+    let scrape = || async { parse(&http.get(format!("http://{}/metrics", hark.addr)).send().await.unwrap().text().await.unwrap()) };
+    let full = r#"hark_audio_frames_dropped_total{source="input_buffer_full"}"#;
+    let large = r#"hark_audio_frames_dropped_total{source="append_too_large"}"#;
+    let before = scrape().await;
+    assert!(before.get(full).is_none() && before.get(large).is_none(), "{before}");
+
+    // Manual turns: nothing trims the buffer but its cap. 3 s of 24 kHz audio into a
+    // 1 s buffer: 2 s (50 frames) go, less what the resampler still holds.
+    let mut c = Client::connect(&hark.ws_url()).await;
+    c.send(json!({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"turn_detection": null}}}})).await;
+    c.until("session.updated").await;
+    let tone = sine_pcm24(3.0, 440.0);
+    for chunk in tone.chunks(4800) {
+        c.send(json!({"type": "input_audio_buffer.append", "audio": b64(chunk)})).await;
+    }
+    let err = c.until("error").await;
+    assert_eq!(err["error"]["code"], "input_audio_buffer_full", "{err}");
+    // Over the append limit (but within the message limit): refused, and counted.
+    let too_big = vec![0u8; hark::protocol::MAX_APPEND_BYTES + 3 * 1024];
+    c.send(json!({"type": "input_audio_buffer.append", "audio": b64(&too_big)})).await;
+    let err = c.until("error").await;
+    assert_eq!(err["error"]["code"], "audio_too_large", "{err}");
+
+    let after = scrape().await;
+    let dropped = after[full].as_f64().unwrap_or_else(|| panic!("no {full} in {after}"));
+    assert!((49.0..=50.0).contains(&dropped), "2 s of 3 s should have been dropped, got {dropped} frames: {after}");
+    // 7 865 856 samples at 24 kHz = 327.744 s = 8193.6 frames of 40 ms.
+    assert_eq!(after[large], 7_865_856.0 * 25.0 / 24_000.0, "{after}");
+}

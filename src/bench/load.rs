@@ -111,7 +111,8 @@ pub async fn load(mut b: LoadBench) -> anyhow::Result<()> {
         }
     }
     b.config.server.host = "127.0.0.1".into();
-    b.config.server.max_sessions = b.config.server.max_sessions.max(b.sessions);
+    // Every bench session must be admitted, whatever the configured (or automatic) limit.
+    b.config.server.max_sessions = Some(b.config.server.max_sessions.unwrap_or(0).max(b.sessions));
     b.config.session.output_modalities = vec!["text".into()];
     b.config.session.max_output_tokens = Some(16);
     b.config.session.agent = None;

@@ -181,7 +181,7 @@ pub async fn create_call(State(st): State<AppState>, Query(q): Query<RealtimeQue
         None => None,
     };
     let Ok(permit) = st.session_slots.clone().try_acquire_owned() else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "too_many_sessions", "hark has reached server.max_sessions.", None);
+        return error(StatusCode::SERVICE_UNAVAILABLE, "too_many_sessions", st.too_many_sessions(), None);
     };
     if st.shutdown.is_cancelled() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "server_shutdown", "hark is shutting down.", None);

@@ -38,6 +38,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub sessions: TaskTracker,
     pub session_slots: Arc<Semaphore>,
+    /// The size of `session_slots` (`server.max_sessions`, or what `auto` made of it).
+    pub max_sessions: usize,
     pub origins: Arc<access::OriginPolicy>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Ephemeral keys for browser calls, and the calls open now.
@@ -48,6 +50,11 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// What a client refused for the session limit is told.
+    pub fn too_many_sessions(&self) -> String {
+        format!("hark is serving its limit of {} sessions at once (server.max_sessions); try again when one ends.", self.max_sessions)
+    }
+
     /// Loads what sessions need (VAD model, backend client, tools and agents; MCP tool
     /// servers are started). Fails with a message that says what is missing and how to
     /// get it; bad tool or agent YAML fails with every problem as `file:line: field: …`.
@@ -91,6 +98,8 @@ impl AppState {
         if let Some(s) = &speech {
             tracing::info!("speech out: {}", s.name());
         }
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        metrics.set_context_limit(config.session.context.max_tokens);
         let deps = SessionDeps {
             defaults: SessionSettings::from_config(&config),
             backend,
@@ -109,6 +118,7 @@ impl AppState {
             agents: Arc::new(agents),
             client_tool_timeout: Duration::from_millis(config.session.client_tool_timeout_ms),
             speech,
+            audio_drops: metrics.audio_frames_dropped.clone(),
         };
         let deps = Arc::new(deps);
         let shutdown = CancellationToken::new();
@@ -116,11 +126,12 @@ impl AppState {
             crate::config::AudioInputKind::None => None,
             crate::config::AudioInputKind::Mic => Some(start_local_session(&config, deps.clone(), shutdown.clone())?),
         };
-        let metrics = Arc::new(crate::metrics::Metrics::default());
-        metrics.set_context_limit(config.session.context.max_tokens);
+        let (max_sessions, why) = crate::check::max_sessions(&config);
+        tracing::info!("serving at most {max_sessions} sessions at once ({why})");
         Ok(Self {
             local,
-            session_slots: Arc::new(Semaphore::new(config.server.max_sessions)),
+            session_slots: Arc::new(Semaphore::new(max_sessions)),
+            max_sessions,
             origins: Arc::new(access::OriginPolicy::new(&config.server.allowed_origins)),
             metrics,
             secrets: Default::default(),
@@ -147,7 +158,7 @@ fn start_local_session(config: &Config, deps: Arc<SessionDeps>, shutdown: Cancel
             Some(s)
         }
     };
-    let (microphone, rx) = crate::sources::mic::Microphone::start(mic);
+    let (microphone, rx) = crate::sources::mic::Microphone::start(mic, deps.audio_drops.clone());
     Ok(local::LocalSession::start(deps, rx, Box::new(microphone), speaker, shutdown))
 }
 

@@ -54,7 +54,7 @@ pub async fn upgrade(
         .any(|v| v.split(',').any(|p| p.trim() == "realtime=v1"));
     let dialect = if beta_header || offered.iter().any(|p| p == "openai-beta.realtime-v1") { Dialect::Beta } else { Dialect::Ga };
     let Ok(permit) = st.session_slots.clone().try_acquire_owned() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": {"type": "server_error", "code": "too_many_sessions", "message": "hark has reached server.max_sessions."}}))).into_response();
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": {"type": "server_error", "code": "too_many_sessions", "message": st.too_many_sessions()}}))).into_response();
     };
     if st.shutdown.is_cancelled() {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();

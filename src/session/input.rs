@@ -134,6 +134,9 @@ impl Session {
 
     pub(super) fn append_audio(&mut self, audio_b64: &str) -> Result<(), ProtocolError> {
         if audio_b64.len() / 4 * 3 > MAX_APPEND_BYTES {
+            let format = self.media_format.unwrap_or(self.settings.input_format);
+            let bytes_per_sample = if matches!(format, crate::media::AudioFormat::Pcm16 { .. }) { 2 } else { 1 };
+            self.deps.audio_drops.count("append_too_large", (audio_b64.len() / 4 * 3 / bytes_per_sample) as u64, format.sample_rate());
             return Err(ProtocolError::new(
                 "audio_too_large",
                 format!("input_audio_buffer.append carries at most {MAX_APPEND_BYTES} bytes of audio; split it into smaller appends."),
@@ -312,6 +315,7 @@ impl Session {
         let cap = self.deps.max_buffer_seconds as u64 * MODEL_SAMPLE_RATE as u64;
         if self.buffer.samples.len() as u64 > cap {
             let end = self.buffer.end();
+            self.deps.audio_drops.count("input_buffer_full", self.buffer.samples.len() as u64 - cap, MODEL_SAMPLE_RATE);
             self.buffer.drop_before(end - cap);
             if !self.buffer_overflow_reported {
                 self.buffer_overflow_reported = true;

@@ -106,6 +106,8 @@ pub struct SessionDeps {
     pub client_tool_timeout: std::time::Duration,
     /// Speech out for responses that ask for audio; `None`: speech is off.
     pub speech: Option<Arc<crate::speech::SpeechEngine>>,
+    /// Where audio this session loses is counted (`/metrics`).
+    pub audio_drops: crate::metrics::AudioDrops,
 }
 
 /// Shortest audio a manual commit accepts (the protocol's rule).

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use super::{MicEvent, MicOutput, MicSettings};
 use crate::media::{StreamResampler, MODEL_SAMPLE_RATE};
+use crate::metrics::AudioDrops;
 
 /// How often the capture thread drains the ring.
 const POLL: Duration = Duration::from_millis(10);
@@ -48,13 +49,14 @@ pub enum MicError {
 pub struct Microphone {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Samples the callback had to drop because the ring was full.
+    /// Samples the callback had to drop because the ring was full (also counted in
+    /// `drops`, as frames, by the capture thread).
     pub overruns: Arc<AtomicU64>,
 }
 
 impl Microphone {
     /// Starts capturing; audio and events arrive on the returned receiver.
-    pub fn start(settings: MicSettings) -> (Self, mpsc::Receiver<MicOutput>) {
+    pub fn start(settings: MicSettings, drops: AudioDrops) -> (Self, mpsc::Receiver<MicOutput>) {
         // ~2 s of 10 ms chunks: a session that falls behind loses audio, never stalls capture.
         let (tx, rx) = mpsc::channel(256);
         let stop = Arc::new(AtomicBool::new(false));
@@ -62,7 +64,7 @@ impl Microphone {
         let (s, o) = (stop.clone(), overruns.clone());
         let thread = std::thread::Builder::new()
             .name("hark-mic".into())
-            .spawn(move || capture_loop(settings, tx, s, o))
+            .spawn(move || capture_loop(settings, tx, s, o, drops))
             .expect("spawning the capture thread");
         (Self { stop, thread: Some(thread), overruns }, rx)
     }
@@ -77,10 +79,10 @@ impl Drop for Microphone {
     }
 }
 
-fn capture_loop(settings: MicSettings, tx: mpsc::Sender<MicOutput>, stop: Arc<AtomicBool>, overruns: Arc<AtomicU64>) {
+fn capture_loop(settings: MicSettings, tx: mpsc::Sender<MicOutput>, stop: Arc<AtomicBool>, overruns: Arc<AtomicU64>, drops: AudioDrops) {
     let mut backoff = BACKOFF_MIN;
     while !stop.load(Ordering::Relaxed) {
-        match capture_once(&settings, &tx, &stop, &overruns) {
+        match capture_once(&settings, &tx, &stop, &overruns, &drops) {
             Ok(Ended::Stopped) => return,
             Ok(Ended::Lost { device, reason }) => {
                 tracing::warn!(device = %device, "microphone lost: {reason}; reopening");
@@ -134,7 +136,13 @@ pub fn device_name(d: &cpal::Device) -> String {
 }
 
 /// Opens the device and captures until it is lost or `stop` is set.
-fn capture_once(settings: &MicSettings, tx: &mpsc::Sender<MicOutput>, stop: &AtomicBool, overruns: &Arc<AtomicU64>) -> Result<Ended, MicError> {
+fn capture_once(
+    settings: &MicSettings,
+    tx: &mpsc::Sender<MicOutput>,
+    stop: &AtomicBool,
+    overruns: &Arc<AtomicU64>,
+    drops: &AudioDrops,
+) -> Result<Ended, MicError> {
     let device = find_input(settings)?;
     let name = device_name(&device);
     let open_err = |reason: String| MicError::Open { device: name.clone(), reason };
@@ -154,7 +162,11 @@ fn capture_once(settings: &MicSettings, tx: &mpsc::Sender<MicOutput>, stop: &Ato
         }
     };
     let ch = channels as usize;
+    // The callback only bumps an atomic (no locks on the real-time thread); the capture
+    // loop below moves what it counted into the metric.
     let dropped = overruns.clone();
+    let ring_drops = Arc::new(AtomicU64::new(0));
+    let ring_dropped = ring_drops.clone();
     // The real-time callback: down-mix into the ring; never blocks, never allocates.
     macro_rules! callback {
         ($t:ty, $to_f32:expr) => {
@@ -166,6 +178,7 @@ fn capture_once(settings: &MicSettings, tx: &mpsc::Sender<MicOutput>, stop: &Ato
                     }
                     if prod.try_push(sum / ch as f32).is_err() {
                         dropped.fetch_add(1, Ordering::Relaxed);
+                        ring_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -197,6 +210,10 @@ fn capture_once(settings: &MicSettings, tx: &mpsc::Sender<MicOutput>, stop: &Ato
             abandon(stream);
             return Ok(Ended::Lost { device: name, reason });
         }
+        let lost = ring_drops.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            drops.count("mic_ring_overrun", lost, rate);
+        }
         let mut out = Vec::new();
         loop {
             let n = cons.pop_slice(&mut raw);
@@ -223,9 +240,11 @@ fn capture_once(settings: &MicSettings, tx: &mpsc::Sender<MicOutput>, stop: &Ato
             // A full channel means the session is behind: drop this chunk, keep capturing.
             match tx.try_send(MicOutput::Audio(out)) {
                 Err(mpsc::error::TrySendError::Closed(_)) => return Ok(Ended::Stopped),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    overruns.fetch_add(1, Ordering::Relaxed);
+                Err(mpsc::error::TrySendError::Full(MicOutput::Audio(chunk))) => {
+                    overruns.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    drops.count("mic_queue_full", chunk.len() as u64, MODEL_SAMPLE_RATE);
                 }
+                Err(mpsc::error::TrySendError::Full(_)) => {}
                 Ok(()) => {}
             }
         }

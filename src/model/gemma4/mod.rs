@@ -10,6 +10,7 @@ pub mod loader;
 pub mod model;
 pub mod parity;
 pub mod sampling;
+pub mod skinny;
 pub mod template;
 pub mod tokenizer;
 pub mod tool_call;

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 use super::cache::KvCache;
+use super::skinny;
 use super::config::{Gemma4Config, LayerKind, LayerSpec, RopeSpec, TextConfig};
 
 pub type Result<T> = candle_core::Result<T>;
@@ -470,14 +471,14 @@ impl Gemma4Model {
             x = layer.post_attention(&residual, &h, eps)?;
             let residual = x.clone();
             let h = rms(&x, &layer.pre_ff_norm, eps)?;
-            let act = layer.gelu_mul(&layer.mlp.gate.forward(&h)?, &layer.mlp.up.forward(&h)?)?;
-            let h = layer.mlp.down.forward(&act)?;
+            let act = layer.gelu_mul(&project_rows(&layer.mlp.gate, &h)?, &project_rows(&layer.mlp.up, &h)?)?;
+            let h = project_rows(&layer.mlp.down, &act)?;
             x = layer.post_feed_forward(&residual, &h, eps)?;
         }
         cache.advance(n);
         let x = if input.all_logits { x } else { x.narrow(0, n - 1, 1)? };
         let x = rms(&x, &self.norm, eps)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = project_rows(&self.lm_head, &x)?.to_dtype(DType::F32)?;
         match t.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
@@ -556,16 +557,16 @@ impl Gemma4Model {
     ) -> Result<Tensor> {
         let (q, k, v) = Self::project(a, x)?;
         let out = self.attend(a, layer, &q, &k, &v, cos, sin, start, masks, cache)?;
-        a.o_proj.forward(&out)
+        project_rows(&a.o_proj, &out)
     }
 
     /// The attention projections of `x` `[n, hidden]`: q, raw k, raw v (k again for
     /// `attention_k_eq_v` layers).
     fn project(a: &Attention, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let q = a.q_proj.forward(x)?;
-        let k = a.k_proj.forward(x)?;
+        let q = project_rows(&a.q_proj, x)?;
+        let k = project_rows(&a.k_proj, x)?;
         let v = match &a.v_proj {
-            Some(v) => v.forward(x)?,
+            Some(v) => project_rows(v, x)?,
             None => k.clone(),
         };
         Ok((q, k, v))
@@ -696,14 +697,27 @@ impl Gemma4Model {
     }
 }
 
-/// A bias-free linear layer over a few rows `[b, in]`, computed as `W · xᵀ`: the
-/// weight is the long side of the product, streamed once, where `x · Wᵀ` with a
-/// handful of rows leaves a CPU matrix kernel mostly padding. It rounds differently
-/// from `x · Wᵀ` in the last bits (about 1e-6 of the logits' scale), so a batched
-/// sequence's greedy token could differ from its lone one only at a near tie; the
-/// engine's tests check logits and tokens.
+/// A bias-free linear layer: on the CPU, a few rows (a decode step) go through the
+/// kernel that reads the weights once for all rows ([`skinny`]); more rows (prefill)
+/// and other devices through candle's matrix product.
+fn project_rows(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    match skinny::matmul_t(x, l.weight())? {
+        Some(y) => Ok(y),
+        None => l.forward(x),
+    }
+}
+
+/// [`project_rows`] for the rows of a batched decode step. Where the CPU kernel does not
+/// apply (a GPU, or more rows than it takes) the product is computed as `W · xᵀ`: the
+/// weight is the long side, streamed once. That rounds differently from `x · Wᵀ` in
+/// the last bits (about 1e-6 of the logits' scale), so there a batched sequence's
+/// greedy token could differ from its lone one at a near tie; on the CPU kernel the
+/// two are bit-identical.
 fn apply(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    l.weight().matmul(&x.t()?)?.t()?.contiguous()
+    match skinny::matmul_t(x, l.weight())? {
+        Some(y) => Ok(y),
+        None => l.weight().matmul(&x.t()?)?.t()?.contiguous(),
+    }
 }
 
 /// Whether the GPU's fewer-launch variants are used: on a CUDA device, unless
