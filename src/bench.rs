@@ -1,5 +1,7 @@
 //! `hark bench …`: measurements that print tables (never timed assertions in tests).
 
+pub mod load;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -389,6 +391,9 @@ pub fn latency(preset: &str, contexts: &[usize], speech_seconds: f32, device: &s
     };
     let mut engine = Engine::load(&settings, &select_device(device)?, select_dtype(dtype)?)?;
     let speech: Vec<f32> = test_signal(16_000, speech_seconds.ceil() as u32).into_iter().take((speech_seconds * 16_000.0) as usize).collect();
+    // Kept audio is 16-bit: the streamed frames must carry the same values as the clip.
+    let clip = Arc::new(crate::media::pcm::to_pcm16(&speech));
+    let speech = crate::media::pcm::to_f32(&clip);
     let frames = speech.len().div_ceil(640);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!(
@@ -422,7 +427,7 @@ pub fn latency(preset: &str, contexts: &[usize], speech_seconds: f32, device: &s
         let build = t.elapsed().as_secs_f64();
 
         let mut spoken = base.clone();
-        spoken.messages.push(ChatMessage::User(vec![UserPart::Audio(Arc::new(speech.clone()))]));
+        spoken.messages.push(ChatMessage::User(vec![UserPart::Audio(clip.clone())]));
         // Streaming off: the whole utterance is prefilled after end of speech.
         let t = Instant::now();
         engine.generate(&spoken, &cancel, &|_| true).map_err(anyhow::Error::msg)?;
@@ -449,7 +454,7 @@ pub fn latency(preset: &str, contexts: &[usize], speech_seconds: f32, device: &s
         engine.prepare_now(&retained).map_err(anyhow::Error::msg)?;
         let evict = t.elapsed().as_secs_f64();
         let mut next = retained.clone();
-        next.messages.push(ChatMessage::User(vec![UserPart::Audio(Arc::new(speech.clone()))]));
+        next.messages.push(ChatMessage::User(vec![UserPart::Audio(clip.clone())]));
         let t = Instant::now();
         engine.generate(&next, &cancel, &|_| true).map_err(anyhow::Error::msg)?;
         let after = t.elapsed();

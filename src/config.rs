@@ -65,6 +65,9 @@ pub struct ServerConfig {
     pub client_read_timeout_ms: u64,
     /// How long open sessions get to finish when the daemon stops.
     pub shutdown_grace_ms: u64,
+    /// Bytes all sessions together may hold (conversation media, input buffers, queued
+    /// messages both ways); data arriving past it is refused with `server_memory_exceeded`.
+    pub max_total_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -358,6 +361,31 @@ pub struct SessionDefaults {
     pub agent: Option<String>,
     /// How long hark waits for a client to answer a call of a tool it declared.
     pub client_tool_timeout_ms: u64,
+    /// What one session may hold (see `src/session/budget.rs`).
+    pub limits: SessionLimits,
+}
+
+/// One session's memory, bounded in bytes where data arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionLimits {
+    /// Bytes one session may hold: conversation media and text, the input audio
+    /// buffer, and messages queued in and out. The conversation rolls (oldest whole
+    /// turns evicted) to stay within it; what still does not fit is refused with
+    /// `session_memory_exceeded`.
+    pub max_session_bytes: u64,
+    /// Most items a conversation keeps; past it the oldest whole turns are evicted
+    /// (down to the context's retention_ratio), announced with `conversation.item.deleted`.
+    pub max_items: usize,
+    /// An `input_image` larger than this is re-encoded (JPEG, at most the model's
+    /// largest image size) once on arrival; the original is not kept.
+    pub max_image_bytes: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self { max_session_bytes: 256 << 20, max_items: 4096, max_image_bytes: 1 << 20 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -542,6 +570,7 @@ impl Default for ServerConfig {
             max_request_bytes: 32 * 1024 * 1024,
             client_read_timeout_ms: 10_000,
             shutdown_grace_ms: 2000,
+            max_total_bytes: 4 << 30,
         }
     }
 }
@@ -596,6 +625,7 @@ impl Default for SessionDefaults {
             streaming_prefill: true,
             agent: None,
             client_tool_timeout_ms: 60_000,
+            limits: SessionLimits::default(),
         }
     }
 }
@@ -657,6 +687,9 @@ impl Config {
             if o != "*" && normalize_origin(o).is_none() {
                 return bad(format!("server.allowed_origins: '{o}' is not an origin like https://app.example.com or http://localhost:3000"));
             }
+        }
+        if self.session.limits.max_items < 2 || self.session.limits.max_session_bytes < 1 << 20 {
+            return bad("session.limits: max_items must be at least 2 and max_session_bytes at least 1 MiB".into());
         }
         if self.server.max_sessions == Some(0) {
             return bad("server.max_sessions: must be at least 1".into());

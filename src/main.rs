@@ -119,6 +119,24 @@ enum ModelCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// N concurrent Realtime sessions over loopback, each streaming real-time 24 kHz
+    /// speech with server VAD; prints sessions held, frames dropped, event latency, RSS and CPU.
+    Load {
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        sessions: usize,
+        /// Minutes each session streams (fractions allowed).
+        #[arg(long, default_value_t = 1.0)]
+        minutes: f64,
+        /// The embedded model's checkpoint (`hark model init --random DIR`); by
+        /// default a tiny random one is made for the run.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// An OpenAI-compatible server (e.g. http://127.0.0.1:8080/v1) instead of the embedded model.
+        #[arg(long)]
+        backend_url: Option<String>,
+    },
     /// N concurrent real-time 24 kHz streams through resample + VAD + chunking.
     Pipeline {
         #[arg(long, short, default_value = "config.yaml")]
@@ -296,6 +314,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 registry.shutdown().await;
                 anyhow::Ok(())
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what: BenchCommand::Load { config, sessions, minutes, checkpoint, backend_url } } => {
+            // A missing config file means the defaults (the bench sets what it needs).
+            let config = if config.exists() { Config::load(&config)? } else { Config::default() };
+            init_logging("warn");
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(hark::bench::load::load(hark::bench::load::LoadBench { config, sessions, seconds: minutes * 60.0, checkpoint, backend_url }))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what: BenchCommand::Pipeline { config, streams, seconds, realtime } } => {

@@ -89,6 +89,10 @@ pub struct Metrics {
     /// turns and kept sessions) and the configured budget; set at each scrape.
     pub kv_cache_bytes: Gauge,
     pub kv_budget_bytes: Gauge,
+    /// Bytes all sessions hold (conversations, input buffers, queues both ways) and
+    /// `server.max_total_bytes`; set at each scrape.
+    pub session_bytes: Gauge,
+    pub session_bytes_limit: Gauge,
     /// Prompt tokens of each finished response over the context window's limit.
     pub context_fill_ratio: Histogram,
     pub audio_frames_dropped: AudioDrops,
@@ -117,6 +121,8 @@ impl Default for Metrics {
             tool_call_seconds: Family::new_with_constructor(seconds_histogram),
             kv_cache_bytes: Gauge::default(),
             kv_budget_bytes: Gauge::default(),
+            session_bytes: Gauge::default(),
+            session_bytes_limit: Gauge::default(),
             context_fill_ratio: Histogram::new([0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0].into_iter()),
             audio_frames_dropped: AudioDrops::default(),
             context_max_tokens: std::sync::atomic::AtomicU64::new(0),
@@ -134,6 +140,8 @@ impl Default for Metrics {
         registry.register("tool_call_seconds", "duration of tool calls hark runs, by tool", m.tool_call_seconds.clone());
         registry.register("kv_cache_bytes", "bytes of the embedded model's KV caches held now", m.kv_cache_bytes.clone());
         registry.register("kv_budget_bytes", "the embedded model's KV cache budget in bytes", m.kv_budget_bytes.clone());
+        registry.register("session_bytes", "bytes all realtime sessions hold: conversations, input buffers, queued messages", m.session_bytes.clone());
+        registry.register("session_bytes_limit", "server.max_total_bytes", m.session_bytes_limit.clone());
         registry.register(
             "context_fill_ratio",
             "prompt tokens of each finished response over the context window's limit",
@@ -168,6 +176,12 @@ impl Metrics {
             self.kv_cache_bytes.set(m.kv_bytes as i64);
             self.kv_budget_bytes.set(m.kv_budget_bytes as i64);
         }
+    }
+
+    /// Takes the sessions' memory figures (called before each render).
+    pub fn set_session_memory(&self, used: u64, limit: u64) {
+        self.session_bytes.set(used.min(i64::MAX as u64) as i64);
+        self.session_bytes_limit.set(limit.min(i64::MAX as u64) as i64);
     }
 
     pub fn count_usage(&self, input: u64, output: u64, cached: u64) {

@@ -163,7 +163,7 @@ fn the_embedded_engine_takes_an_image_and_audio_in_one_turn() {
     let settings = engine_settings(ckpt.path(), 3, 1);
     let png = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma4/tiny_mm/image.png")).unwrap();
     let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&png));
-    let audio = std::sync::Arc::new(vec![0.01f32; 16_000]);
+    let audio = std::sync::Arc::new(vec![328i16; 16_000]);
     let req = GenerateRequest {
         messages: vec![ChatMessage::User(vec![UserPart::Text("what is this?".into()), UserPart::Image(std::sync::Arc::new(url)), UserPart::Audio(audio)])],
         ..Default::default()

@@ -44,13 +44,15 @@ fn said(t: &str) -> ChatMessage {
     ChatMessage::Assistant { text: t.into(), tool_calls: vec![] }
 }
 
-/// A second of something speech-like: a chirp with an envelope (deterministic).
+/// A second of something speech-like: a chirp with an envelope (deterministic), at
+/// 16-bit precision as sessions keep audio.
 fn voice(samples: usize, seed: f32) -> Vec<f32> {
     (0..samples)
         .map(|i| {
             let t = i as f32 / 16_000.0;
             0.3 * (t * 3.0).sin().abs() * (2.0 * std::f32::consts::PI * (180.0 + 90.0 * seed + 40.0 * t) * t).sin()
         })
+        .map(|s| hark::media::pcm::sample_to_f32(hark::media::pcm::quantize(s)))
         .collect()
 }
 
@@ -63,7 +65,7 @@ fn base() -> GenerateRequest {
 }
 
 fn with_audio(mut req: GenerateRequest, audio: Vec<f32>) -> GenerateRequest {
-    req.messages.push(ChatMessage::User(vec![UserPart::Audio(Arc::new(audio))]));
+    req.messages.push(ChatMessage::User(vec![UserPart::Audio(Arc::new(hark::media::pcm::to_pcm16(&audio)))]));
     req
 }
 

@@ -400,14 +400,42 @@ async fn sessions_pick_agents_and_unknown_ones_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_conversation_is_the_servers_condition() {
-    let s = setup("http://127.0.0.1:9/v1", 60_000).await;
-    // Room for the agent's mcp_list_tools item, then two messages.
-    let deps = Arc::new(SessionDeps { max_items: 3, ..(*s.state.deps).clone() });
+async fn a_full_conversation_rolls_and_a_call_answered_at_the_limit_is_answered() {
+    let model = ScriptedModel::start().await;
+    let s = setup(&model.base_url(), 400).await;
+    model.push(calls_reply(&[("call_full", "lookup", r#"{"q": "x"}"#)]));
+    // The agent's mcp_list_tools item, then at most 5 more.
+    let deps = Arc::new(SessionDeps { max_items: 6, ..(*s.state.deps).clone() });
     let mut d = Driven::start(deps);
-    for text in ["one", "two", "three"] {
-        d.send(json!({"type": "conversation.item.create", "event_id": text, "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})).await;
+    d.send(json!({"type": "session.update", "session": {"type": "realtime", "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]}})).await;
+    // Past the limit the oldest turns go, oldest first, a block at a time; nothing is refused.
+    let mut seen = Vec::new();
+    for i in 0..8 {
+        d.send(json!({"type": "conversation.item.create", "item": {"id": format!("old{i}"), "type": "message", "role": "user", "content": [{"type": "input_text", "text": format!("turn {i}")}]}})).await;
+        seen.extend(d.until(|v| v["type"] == "conversation.item.done" && v["item"]["id"] == format!("old{i}")).await);
     }
-    let err = d.until_type("error").await.pop().unwrap();
-    assert_eq!((&err["error"]["type"], &err["error"]["code"], &err["error"]["event_id"]), (&json!("server_error"), &json!("conversation_full"), &json!("three")));
+    assert!(!seen.iter().any(|v| v["type"] == "error"), "{seen:#?}");
+    let deleted: Vec<&str> = seen.iter().filter(|v| v["type"] == "conversation.item.deleted").filter_map(|v| v["item_id"].as_str()).collect();
+    let old: Vec<&str> = deleted.iter().copied().filter(|id| id.starts_with("old")).collect();
+    assert!(old.len() >= 2 && old.windows(2).all(|w| w[0] < w[1]) && old[0] == "old0", "{deleted:?}");
+    // Pinned items cannot be evicted: the conversation stays at its limit with them.
+    for i in 0..5 {
+        d.send(json!({"type": "conversation.item.create", "item": {"id": format!("pin{i}"), "pinned": true, "type": "message", "role": "user", "content": [{"type": "input_text", "text": format!("keep {i}")}]}})).await;
+    }
+    ask(&mut d, "look it up").await;
+    let events = d.until_type("response.done").await;
+    assert!(!events.iter().any(|v| v["type"] == "error"), "{events:#?}");
+    // The call's answer (the client's deadline passing) enters though the window is full
+    // of pinned items: the call is answered once, and the client's own late answer is
+    // refused as a duplicate of that one.
+    let answered = d.until(|v| is_output_for(v, "call_full")).await;
+    assert!(answer_text(answered.last().unwrap()).contains("timed out"));
+    d.send(json!({"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": "call_full", "output": "late"}})).await;
+    let err = d.until_type("error").await;
+    assert_eq!(err.last().unwrap()["error"]["code"], "tool_output_duplicate");
+    let conv = d.finish().await;
+    let answers = one_answer_per_call(&conv);
+    assert!(answers["call_full"].contains("timed out"), "{answers:?}");
+    let ids: Vec<String> = conv.items().iter().map(|i| i.id.clone()).collect();
+    assert!(!ids.contains(&"old0".to_string()) && ids.contains(&"pin0".to_string()), "{ids:?}");
 }

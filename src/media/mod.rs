@@ -8,7 +8,9 @@ pub mod chunk;
 pub mod clip;
 pub mod codec;
 pub mod frame;
+pub mod pcm;
 pub mod pipeline;
+pub mod reencode;
 pub mod resample;
 pub mod vad;
 

@@ -59,8 +59,8 @@ pub enum ChatMessage {
 #[derive(Debug, Clone, PartialEq)]
 pub enum UserPart {
     Text(String),
-    /// Mono 16 kHz samples in [-1, 1].
-    Audio(Arc<Vec<f32>>),
+    /// Mono 16 kHz samples at the wire's 16-bit precision (see [`crate::media::pcm`]).
+    Audio(Arc<Vec<i16>>),
     /// A `data:image/…;base64,…` URL, shared with the conversation (it can be megabytes).
     Image(Arc<String>),
 }

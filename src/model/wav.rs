@@ -2,15 +2,15 @@
 
 use std::io::Cursor;
 
-/// Encodes mono samples in [-1, 1] as a 16-bit PCM WAV file.
-pub fn encode_wav(samples: &[f32], sample_rate: u32) -> Vec<u8> {
+/// Encodes mono 16-bit samples as a PCM WAV file.
+pub fn encode_wav(samples: &[i16], sample_rate: u32) -> Vec<u8> {
     let spec = hound::WavSpec { channels: 1, sample_rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
     let mut cursor = Cursor::new(Vec::with_capacity(44 + samples.len() * 2));
     {
         // Writing to memory cannot fail for I/O reasons; hound only errors on bad specs.
         let mut w = hound::WavWriter::new(&mut cursor, spec).expect("valid WAV spec");
-        for s in samples {
-            w.write_sample((s.clamp(-1.0, 1.0) * 32767.0).round() as i16).expect("in-memory write");
+        for &s in samples {
+            w.write_sample(s).expect("in-memory write");
         }
         w.finalize().expect("in-memory finalize");
     }
@@ -21,7 +21,7 @@ pub fn encode_wav(samples: &[f32], sample_rate: u32) -> Vec<u8> {
 mod tests {
     #[test]
     fn wav_has_header_and_samples() {
-        let wav = super::encode_wav(&[0.0, 0.5, -0.5], 16_000);
+        let wav = super::encode_wav(&[0, 16_384, -16_384], 16_000);
         assert_eq!(&wav[0..4], b"RIFF");
         assert_eq!(wav.len(), 44 + 6);
         let r = hound::WavReader::new(std::io::Cursor::new(wav)).unwrap();

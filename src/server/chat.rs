@@ -348,9 +348,9 @@ fn user_parts(content: Option<Content>, param: &str) -> Result<Vec<UserPart>, Ap
     Ok(out)
 }
 
-fn audio(b64: &str, format: &str) -> Result<Vec<f32>, String> {
+fn audio(b64: &str, format: &str) -> Result<Vec<i16>, String> {
     let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| format!("audio is not valid base64: {e}"))?;
-    decode_clip(&bytes, format).map_err(|e| e.to_string())
+    decode_clip(&bytes, format).map(|s| crate::media::pcm::to_pcm16(&s)).map_err(|e| e.to_string())
 }
 
 /// Runs the request; cancels the backend's work if the client goes away (the future

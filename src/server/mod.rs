@@ -30,9 +30,6 @@ use crate::model::openai::{AudioPart, OpenAiBackend, OpenAiSettings};
 use crate::model::Backend;
 use crate::session::{SessionDeps, SessionSettings, VadFactory};
 
-/// Most conversation items one session keeps.
-const MAX_ITEMS: usize = 4096;
-
 /// Shared by every request handler.
 #[derive(Clone)]
 pub struct AppState {
@@ -108,7 +105,10 @@ impl AppState {
             backend,
             vad,
             max_buffer_seconds: config.audio.max_buffer_seconds,
-            max_items: MAX_ITEMS,
+            max_items: config.session.limits.max_items,
+            memory: crate::session::budget::MemoryPool::new(config.server.max_total_bytes),
+            max_session_bytes: config.session.limits.max_session_bytes,
+            max_image_bytes: config.session.limits.max_image_bytes,
             retention: crate::context::RetentionPolicy {
                 max_tokens: config.session.context.max_tokens,
                 retention_ratio: config.session.context.retention_ratio,
@@ -238,6 +238,7 @@ async fn index() -> axum::response::Html<&'static str> {
 /// The Prometheus text exposition of [`crate::metrics::Metrics`].
 async fn metrics(axum::extract::State(st): axum::extract::State<AppState>) -> impl axum::response::IntoResponse {
     st.metrics.set_backend_memory(st.deps.backend.memory());
+    st.metrics.set_session_memory(st.deps.memory.used(), st.deps.memory.limit());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render())
 }
 

@@ -139,11 +139,27 @@ async fn run_attached(socket: WebSocket, local: Arc<super::local::LocalSession>,
     writer.abort();
 }
 
+/// The `event_id` of a message, found without parsing it: parsing a refused message in
+/// full would cost what refusing it saves. A key inside a JSON string has its quotes
+/// escaped, so the first bare `"event_id"` is a key (of the event, or in the rare case
+/// of a nested object of the same name, of that — only the error's label suffers).
+fn scan_event_id(text: &str) -> Option<String> {
+    let at = text.find("\"event_id\"")? + "\"event_id\"".len();
+    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let id = &rest[..rest.find('"')?];
+    (id.len() <= 256 && !id.contains('\\')).then(|| id.to_string())
+}
+
+/// Messages refused for the budget in a row before the session is closed (1008).
+const MAX_REFUSED_IN_A_ROW: u32 = 64;
+
 async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dialect: Dialect) {
     let (mut sink, mut stream) = socket.split();
     let (in_tx, in_rx) = mpsc::channel::<SessionInput>(256);
     let (out_tx, mut out_rx) = mpsc::channel::<ServerEvent>(1024);
-    let session = Session::new(st.deps.clone(), model);
+    let session = Session::new(st.deps.clone(), model).with_outgoing_accounting();
+    let budget = session.budget();
+    let writer_budget = budget.clone();
     let shutdown = st.shutdown.child_token();
     let session_task = tokio::spawn(session.run(in_rx, out_tx, shutdown.clone()));
 
@@ -156,6 +172,7 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
     let writer = tokio::spawn(async move {
         let mut observer = crate::metrics::EventObserver::new(&metrics);
         while let Some(ev) = out_rx.recv().await {
+            writer_budget.release(crate::session::budget::event_bytes(&ev));
             observer.observe(&ev);
             let Some(text) = to_wire(&ev, dialect) else { continue };
             match tokio::time::timeout(slow, sink.send(Message::text(text))).await {
@@ -175,16 +192,54 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
         }
         // The session ended (client gone or shutdown): say goodbye properly.
         let code = code.load(Ordering::Relaxed);
-        let reason = if code == 1009 { "message too big" } else { "session closed" };
+        let reason = match code {
+            1009 => "message too big",
+            1008 => "client sends faster than hark can take (session.limits.max_session_bytes)",
+            _ => "session closed",
+        };
         let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
         let _ = sink.close().await;
     });
 
+    // Messages refused in a row for the session's memory budget: a client that keeps
+    // sending while nothing more fits is sending faster than hark can take.
+    let mut refused = 0u32;
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
             m = stream.next() => m,
         };
+        if let Some(Ok(Message::Text(text))) = &msg {
+            // A queued message holds its bytes on the session's budget until the
+            // session takes it; past the budget it is refused, not queued.
+            match budget.try_charge(text.len() as u64) {
+                Ok(charge) => {
+                    refused = 0;
+                    let input = match parse_client_event(text.as_str()) {
+                        Ok(env) => SessionInput::Client(env),
+                        Err(e) => SessionInput::Invalid(e),
+                    };
+                    if in_tx.send(SessionInput::Queued(Box::new(input), charge)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    refused += 1;
+                    st.metrics.errors_total.get_or_create(&crate::metrics::CodeLabel { code: "client_too_fast".into() }).inc();
+                    if refused > MAX_REFUSED_IN_A_ROW {
+                        tracing::warn!("a realtime client kept sending past its memory budget; closing its session");
+                        close_code.store(1008, Ordering::Relaxed);
+                        break;
+                    }
+                    let mut err = e.to_protocol();
+                    err.event_id = scan_event_id(text.as_str());
+                    if in_tx.send(SessionInput::Invalid(err)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
         let input = match msg {
             None | Some(Ok(Message::Close(_))) => break,
             Some(Err(e)) => {
@@ -198,10 +253,8 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
                 }
                 break;
             }
-            Some(Ok(Message::Text(text))) => match parse_client_event(text.as_str()) {
-                Ok(env) => SessionInput::Client(env),
-                Err(e) => SessionInput::Invalid(e),
-            },
+            // Text frames were taken above.
+            Some(Ok(Message::Text(_))) => continue,
             Some(Ok(Message::Binary(_))) => SessionInput::Invalid(ProtocolError::new(
                 "invalid_message",
                 "Binary frames are not part of the Realtime protocol; send JSON text frames.",
@@ -215,4 +268,28 @@ async fn run_socket(socket: WebSocket, st: AppState, model: Option<String>, dial
     drop(in_tx);
     let _ = session_task.await;
     let _ = writer.await;
+    // The closing handshake: read on until the client's Close (or a second). Dropping
+    // a socket with unread input resets the connection, and a client that is still
+    // sending would lose the error and the close frame that say why it was closed.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(m)) = stream.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scan_event_id;
+
+    #[test]
+    fn event_ids_are_found_without_parsing() {
+        assert_eq!(scan_event_id(r#"{"audio":"AAAA","event_id" : "e1","type":"x"}"#).as_deref(), Some("e1"));
+        assert_eq!(scan_event_id(r#"{"type":"x","text":"say \"event_id\": \"no\""}"#), None);
+        assert_eq!(scan_event_id(r#"{"event_id":12}"#), None);
+        assert_eq!(scan_event_id(r#"{"event_id":"unterminated"#), None);
+    }
 }

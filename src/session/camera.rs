@@ -84,12 +84,16 @@ impl Session {
         let ci = ConversationItem::new(item.clone(), vec![Payload::None, Payload::Image(frame.data_url)]);
         // A frame is context, not a question: it does not count as new input the model
         // has to answer (see `new_input`), so it never triggers or absorbs a response.
+        if let Err(e) = self.make_room(1, ci.bytes()) {
+            self.events.push(ServerEvent::from_protocol_error(e));
+            return;
+        }
         match self.conversation.insert(None, ci) {
             Ok(previous_item_id) => {
                 self.events.push(ServerEvent::ConversationItemAdded { previous_item_id: previous_item_id.clone(), item: item.clone() });
                 self.events.push(ServerEvent::ConversationItemDone { previous_item_id, item });
             }
-            Err(e) => self.events.push(ServerEvent::from_protocol_error(ProtocolError::server("conversation_full", e.to_string()))),
+            Err(e) => self.events.push(ServerEvent::from_protocol_error(ProtocolError::server("duplicate_item_id", e.to_string()))),
         }
     }
 }

@@ -11,8 +11,8 @@ use crate::protocol::{Item, ItemKind, Role};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     None,
-    /// 16 kHz mono samples.
-    Audio(Arc<Vec<f32>>),
+    /// 16 kHz mono samples at wire precision.
+    Audio(Arc<Vec<i16>>),
     /// `data:image/…;base64,…`
     Image(Arc<String>),
     /// An assistant's spoken part: where each spoken segment ends, so a truncation
@@ -64,7 +64,34 @@ impl ConversationItem {
     pub fn new(item: Item, payloads: Vec<Payload>) -> Self {
         Self { item, payloads, pinned: false }
     }
+
+    /// What the item holds in memory: its media and text, plus a flat cost for the rest.
+    pub fn bytes(&self) -> u64 {
+        let media: usize = self
+            .payloads
+            .iter()
+            .map(|p| match p {
+                Payload::None => 0,
+                Payload::Audio(a) => a.len() * std::mem::size_of::<i16>(),
+                Payload::Image(url) => url.len(),
+                Payload::Spoken(m) => m.segments.len() * 16,
+            })
+            .sum();
+        let it = &self.item;
+        let text: usize = it
+            .content
+            .iter()
+            .flatten()
+            .map(|p| p.text.as_ref().map_or(0, String::len) + p.transcript.as_ref().and_then(|t| t.as_ref()).map_or(0, String::len))
+            .sum();
+        let fields = [&it.arguments, &it.output, &it.name, &it.call_id].iter().map(|f| f.as_ref().map_or(0, String::len)).sum::<usize>();
+        let extra = it.error.as_ref().map_or(0, |e| e.to_string().len()) + it.tools.as_ref().map_or(0, |t| t.iter().map(|v| v.to_string().len()).sum());
+        (media + text + fields + extra) as u64 + ITEM_OVERHEAD
+    }
 }
+
+/// Bookkeeping per item besides its content (ids, status, the `Vec`s themselves).
+const ITEM_OVERHEAD: u64 = 256;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConversationError {
@@ -72,19 +99,31 @@ pub enum ConversationError {
     NotFound(String),
     #[error("Item with item_id '{0}' already exists.")]
     Duplicate(String),
-    #[error("The conversation already holds the maximum of {0} items; delete some first.")]
-    Full(usize),
 }
 
+/// The items in order. It has no limits of its own: the session rolls it (see
+/// `rolling.rs`) to keep its item count and bytes within the session's limits, so
+/// an item that must enter (a call's answer, the model's output) always can.
 #[derive(Debug, Default)]
 pub struct Conversation {
     items: Vec<ConversationItem>,
-    max_items: usize,
+    /// Sum of [`ConversationItem::bytes`], kept up to date on insert; `None` after any
+    /// other change, recounted when next asked.
+    bytes: Option<u64>,
 }
 
 impl Conversation {
-    pub fn new(max_items: usize) -> Self {
-        Self { items: Vec::new(), max_items }
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes the conversation holds (see [`ConversationItem::bytes`]).
+    pub fn bytes(&mut self) -> u64 {
+        *self.bytes.get_or_insert_with(|| self.items.iter().map(ConversationItem::bytes).sum())
+    }
+
+    fn touch(&mut self) {
+        self.bytes = None;
     }
 
     pub fn len(&self) -> usize {
@@ -107,9 +146,6 @@ impl Conversation {
     /// Inserts after `previous` (`None`: at the end; `Some("root")`: at the start).
     /// Returns the id of the item now before it.
     pub fn insert(&mut self, previous: Option<&str>, item: ConversationItem) -> Result<Option<String>, ConversationError> {
-        if self.items.len() >= self.max_items {
-            return Err(ConversationError::Full(self.max_items));
-        }
         if self.get(&item.item.id).is_some() {
             return Err(ConversationError::Duplicate(item.item.id.clone()));
         }
@@ -119,7 +155,9 @@ impl Conversation {
             Some(id) => self.position(id).ok_or_else(|| ConversationError::NotFound(id.to_string()))? + 1,
         };
         let before = if at == 0 { None } else { Some(self.items[at - 1].item.id.clone()) };
+        let added = item.bytes();
         self.items.insert(at, item);
+        self.bytes = self.bytes.map(|b| b + added);
         Ok(before)
     }
 
@@ -128,11 +166,13 @@ impl Conversation {
     }
 
     pub fn get_mut(&mut self, id: &str) -> Option<&mut ConversationItem> {
+        self.touch();
         self.items.iter_mut().find(|i| i.item.id == id)
     }
 
     pub fn delete(&mut self, id: &str) -> Result<ConversationItem, ConversationError> {
         let at = self.position(id).ok_or_else(|| ConversationError::NotFound(id.to_string()))?;
+        self.touch();
         Ok(self.items.remove(at))
     }
 
@@ -142,6 +182,7 @@ impl Conversation {
 
     /// The `mcp_call` item of the model's call `call_id`.
     pub fn mcp_call_mut(&mut self, call_id: &str) -> Option<&mut ConversationItem> {
+        self.touch();
         self.items.iter_mut().find(|ci| ci.item.kind == ItemKind::McpCall && ci.item.call_id.as_deref() == Some(call_id))
     }
 
@@ -264,7 +305,7 @@ mod tests {
 
     #[test]
     fn insert_after_and_root() {
-        let mut c = Conversation::new(10);
+        let mut c = Conversation::new();
         assert_eq!(c.insert(None, msg("a", Role::User, "1")).unwrap(), None);
         assert_eq!(c.insert(None, msg("b", Role::User, "2")).unwrap(), Some("a".into()));
         assert_eq!(c.insert(Some("root"), msg("z", Role::User, "0")).unwrap(), None);
@@ -277,9 +318,19 @@ mod tests {
     }
 
     #[test]
-    fn full_conversation_refuses() {
-        let mut c = Conversation::new(1);
-        c.insert(None, msg("a", Role::User, "1")).unwrap();
-        assert_eq!(c.insert(None, msg("b", Role::User, "1")).unwrap_err(), ConversationError::Full(1));
+    fn bytes_follow_every_change() {
+        let mut c = Conversation::new();
+        let audio = ConversationItem::new(
+            Item::message("v", ItemStatus::Completed, Role::User, vec![ContentPart::input_audio()]),
+            vec![Payload::Audio(Arc::new(vec![0i16; 16_000]))],
+        );
+        c.insert(None, audio).unwrap();
+        c.insert(None, msg("a", Role::User, "hello")).unwrap();
+        // One second of 16 kHz audio is 32 KB at wire precision, not 64 KB as f32.
+        assert_eq!(c.bytes(), 32_000 + 5 + 2 * ITEM_OVERHEAD);
+        c.get_mut("a").unwrap().item.content.as_mut().unwrap()[0].text = Some("hello, world".into());
+        assert_eq!(c.bytes(), 32_000 + 12 + 2 * ITEM_OVERHEAD);
+        c.delete("v").unwrap();
+        assert_eq!(c.bytes(), 12 + ITEM_OVERHEAD);
     }
 }

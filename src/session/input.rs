@@ -10,15 +10,16 @@ use super::conversation::{ConversationItem, Payload};
 use super::response::CancelReason;
 use super::turn::{TurnDetector, TurnEvent};
 use super::{Session, MIN_COMMIT_MS, TURN_TAIL_MS};
+use crate::media::pcm;
 use crate::media::frame::{ms_to_samples, samples_to_ms, MODEL_SAMPLE_RATE};
 use crate::media::AudioPipeline;
 use crate::model::TurnStream;
 use crate::protocol::{new_id, ContentPart, Item, ItemStatus, ProtocolError, ResponseParams, Role, ServerEvent, MAX_APPEND_BYTES};
 
-/// The session's input audio buffer: 16 kHz samples not yet committed.
+/// The session's input audio buffer: 16 kHz samples not yet committed, at wire precision.
 #[derive(Debug, Default)]
 pub(super) struct InputBuffer {
-    pub(super) samples: Vec<f32>,
+    pub(super) samples: Vec<i16>,
     /// Stream index (16 kHz) of `samples[0]`.
     pub(super) start: u64,
 }
@@ -29,7 +30,7 @@ impl InputBuffer {
     }
 
     /// Samples in `[from, to)`, clipped to what is held.
-    pub(super) fn range(&self, from: u64, to: u64) -> Vec<f32> {
+    pub(super) fn range(&self, from: u64, to: u64) -> Vec<i16> {
         let a = from.clamp(self.start, self.end()) - self.start;
         let b = to.clamp(self.start, self.end()) - self.start;
         self.samples[a as usize..b as usize].to_vec()
@@ -87,7 +88,9 @@ impl Session {
         if let Some(st) = self.streaming.as_mut() {
             let end = self.buffer.end();
             if end > st.sent_to {
-                st.stream.push_audio(self.buffer.range(st.sent_to, end));
+                // f32 from the 16-bit buffer: the committed clip converts the same way,
+                // so the streamed frames match it in the model's cache.
+                st.stream.push_audio(pcm::to_f32(&self.buffer.range(st.sent_to, end)));
                 st.sent_to = end;
             }
         }
@@ -153,6 +156,10 @@ impl Session {
             )
             .param("audio"));
         }
+        // At most what the buffer grows by (16-bit samples at 16 kHz; G.711 doubles).
+        let rate = self.settings.input_format.sample_rate().max(1) as u64;
+        let per_byte = if matches!(self.settings.input_format, crate::media::AudioFormat::Pcm16 { .. }) { 1 } else { 2 };
+        self.make_buffer_room(bytes.len() as u64 * per_byte * MODEL_SAMPLE_RATE as u64 / rate + 64)?;
         let out = run_heavy(bytes.len(), || self.pipeline.push_bytes(&bytes)).map_err(|e| {
             ProtocolError::new(
                 "invalid_audio",
@@ -190,7 +197,7 @@ impl Session {
 
     /// New 16 kHz audio and its VAD readings: buffer, turn events, streaming prefill.
     fn take_audio(&mut self, out: crate::media::PipelineOutput) {
-        self.buffer.samples.extend_from_slice(&out.samples);
+        self.buffer.samples.extend(out.samples.iter().map(|&s| pcm::quantize(s)));
         for reading in out.vad {
             let Some(turn) = self.turn.as_mut() else { break };
             match turn.on_reading(offset(reading, self.stream_base)) {
@@ -327,7 +334,7 @@ impl Session {
         if let Err(e) = self.pipeline.restart_resampler() {
             tracing::error!("resampler restart failed: {e}");
         }
-        self.buffer.samples.extend_from_slice(&out.samples);
+        self.buffer.samples.extend(out.samples.iter().map(|&s| pcm::quantize(s)));
         let ms = samples_to_ms(self.buffer.samples.len() as u64, MODEL_SAMPLE_RATE);
         if ms < MIN_COMMIT_MS {
             return Err(ProtocolError::new(
@@ -348,15 +355,16 @@ impl Session {
     }
 
     /// Turns committed audio into a user message item.
-    pub(super) fn commit_audio(&mut self, item_id: String, audio: Vec<f32>) -> Result<(), ProtocolError> {
+    pub(super) fn commit_audio(&mut self, item_id: String, audio: Vec<i16>) -> Result<(), ProtocolError> {
         self.tool_rounds = 0;
         self.new_input();
         // Camera frames sampled during the turn follow its audio (see camera.rs).
         let (frame_parts, frame_payloads) = self.take_turn_frames();
         let item = Item::message(item_id.clone(), ItemStatus::Completed, Role::User, [vec![ContentPart::input_audio()], frame_parts].concat());
         let ci = ConversationItem::new(item.clone(), [vec![Payload::Audio(Arc::new(audio))], frame_payloads].concat());
+        self.make_room(1, ci.bytes())?;
         let previous_item_id =
-            self.conversation.insert(None, ci).map_err(|e| ProtocolError::server("conversation_full", e.to_string()))?;
+            self.conversation.insert(None, ci).map_err(|e| ProtocolError::server("duplicate_item_id", e.to_string()))?;
         self.events.push(ServerEvent::InputAudioBufferCommitted { previous_item_id: previous_item_id.clone(), item_id });
         self.events.push(ServerEvent::ConversationItemAdded { previous_item_id: previous_item_id.clone(), item: item.clone() });
         self.events.push(ServerEvent::ConversationItemDone { previous_item_id, item });

@@ -40,13 +40,17 @@ impl Session {
                 }
             }
         }
+        // A call's answer always enters (the window rolls after it); anything else
+        // needs room in the session's limits.
+        if answers_call.is_none() {
+            self.make_room(1, ci.bytes())?;
+        }
         if item.role == Some(Role::User) {
             self.tool_rounds = 0;
         }
         let previous_item_id = self.conversation.insert(previous.as_deref(), ci).map_err(|e| match e {
             conversation::ConversationError::NotFound(_) => ProtocolError::new("item_not_found", e.to_string()).param("previous_item_id"),
             conversation::ConversationError::Duplicate(_) => ProtocolError::new("duplicate_item_id", e.to_string()).param("item.id"),
-            conversation::ConversationError::Full(_) => ProtocolError::server("conversation_full", e.to_string()),
         })?;
         self.new_input();
         let answered = answers_call.is_some_and(|id| self.calls.claim(&id));
@@ -151,7 +155,7 @@ impl Session {
                 samples.extend(p.flush().map(|o| o.samples).unwrap_or_default());
                 let mut part = ContentPart::input_audio();
                 part.transcript = Some(c.transcript);
-                Ok((part, Payload::Audio(Arc::new(samples))))
+                Ok((part, Payload::Audio(Arc::new(crate::media::pcm::to_pcm16(&samples)))))
             }
             (Role::User, "input_image") => {
                 let url = need(c.image_url, "image_url")?;
@@ -159,6 +163,7 @@ impl Session {
                     return Err(ProtocolError::new("image_too_large", "input_image is limited to 20 MiB.").param(param("image_url")));
                 }
                 check_image_data_url(&url).map_err(|m| ProtocolError::new("invalid_image", m).param(param("image_url")))?;
+                let url = self.image_within_budget(url).map_err(|m| ProtocolError::new("image_too_large", m).param(param("image_url")))?;
                 Ok((ContentPart { kind: "input_image", text: None, transcript: None, image_url: None }, Payload::Image(Arc::new(url))))
             }
             (_, other) => Err(ProtocolError::new(
@@ -167,6 +172,23 @@ impl Session {
             )
             .param(param("type"))),
         }
+    }
+
+    /// An upload over `session.limits.max_image_bytes` is kept re-encoded (JPEG, at
+    /// most the model's largest image size), decoded once here, not as sent.
+    fn image_within_budget(&self, url: String) -> Result<String, String> {
+        let max = self.deps.max_image_bytes;
+        if url.len() <= max {
+            return Ok(url);
+        }
+        let data = url.split_once(',').map_or("", |(_, d)| d);
+        let bytes = base64::engine::general_purpose::STANDARD.decode(data).map_err(|e| e.to_string())?;
+        // The model's largest image: 1120 patches of 48×48 pixels.
+        const MODEL_MAX_PIXELS: u64 = 1120 * 48 * 48;
+        // The base64 text must fit, so the JPEG gets 3/4 of the budget.
+        let jpeg = super::input::run_heavy(bytes.len(), || crate::media::reencode::shrink_to_fit(&bytes, MODEL_MAX_PIXELS, max / 4 * 3))
+            .map_err(|e| format!("input_image is over {max} bytes (session.limits.max_image_bytes) and could not be re-encoded: {e}"))?;
+        Ok(format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(jpeg)))
     }
 
     /// `conversation.item.truncate`: the assistant item keeps only what the user heard.

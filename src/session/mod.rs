@@ -13,6 +13,7 @@
 //!   `calls.rs`: the exactly-once ledger of tool calls;
 //! - `conversation.rs`, `settings.rs`, `turn.rs`: the state they share.
 
+pub mod budget;
 pub mod calls;
 mod camera;
 pub mod conversation;
@@ -20,6 +21,7 @@ mod dispatch;
 mod input;
 mod items;
 pub mod response;
+mod rolling;
 pub mod settings;
 pub mod turn;
 
@@ -57,6 +59,9 @@ pub enum SessionInput {
     LocalAudio(Vec<f32>),
     /// A client attaches to this running session: it gets the session as it is now.
     Describe(tokio::sync::oneshot::Sender<crate::protocol::SessionInfo>),
+    /// An input that holds bytes of the session's budget while it waits in the queue
+    /// (the transport charged them); they are given back when the session takes it.
+    Queued(Box<SessionInput>, budget::Charge),
 }
 
 /// Makes one voice detector per session.
@@ -83,7 +88,13 @@ pub struct SessionDeps {
     pub vad: VadFactory,
     /// Cap on the input audio buffer, in seconds.
     pub max_buffer_seconds: u32,
+    /// Most conversation items; past it the oldest whole turns are evicted.
     pub max_items: usize,
+    /// Bytes all sessions together may hold, and what one session may.
+    pub memory: Arc<budget::MemoryPool>,
+    pub max_session_bytes: u64,
+    /// An `input_image` over this is re-encoded once on arrival.
+    pub max_image_bytes: usize,
     /// The context window's limits.
     pub retention: RetentionPolicy,
     /// Prefill user audio while the user speaks, where the backend can.
@@ -145,6 +156,13 @@ pub struct Session {
     /// after its tools, or a deferred one); see [`Self::client_response_create`].
     hark_started_at: Option<u64>,
     events: Vec<ServerEvent>,
+    /// This session's bytes (see `budget.rs`): the conversation's and the input
+    /// buffer's charges; transports charge their queues on the same budget.
+    budget: Arc<budget::SessionBudget>,
+    conversation_charge: budget::Charge,
+    buffer_charge: budget::Charge,
+    /// Whether the transport releases the bytes of events it takes from the queue.
+    count_outgoing: bool,
 }
 
 impl Session {
@@ -154,7 +172,7 @@ impl Session {
         if let Some(m) = model.filter(|m| !m.is_empty()) {
             settings.model = m;
         }
-        let max_items = deps.max_items;
+        let budget = budget::SessionBudget::new(deps.memory.clone(), deps.max_session_bytes);
         let (tool_results_tx, tool_results_rx) = mpsc::channel(64);
         let mut s = Self {
             pipeline: AudioPipeline::new(settings.input_format, None).expect("16/24/8 kHz are supported rates"),
@@ -168,7 +186,7 @@ impl Session {
             held_frames: Vec::new(),
             buffer_overflow_reported: false,
             last_activity: 0,
-            conversation: Conversation::new(max_items),
+            conversation: Conversation::new(),
             response: None,
             backend_rx: None,
             streaming: None,
@@ -183,6 +201,10 @@ impl Session {
             input_generation: 0,
             hark_started_at: None,
             events: Vec::new(),
+            conversation_charge: budget.charge(),
+            buffer_charge: budget.charge(),
+            budget,
+            count_outgoing: false,
         };
         // `?model=NAME` naming an agent picks it; otherwise the configured default.
         let wanted = Some(s.settings.model.clone())
@@ -214,6 +236,18 @@ impl Session {
         self
     }
 
+    /// The session's memory budget, for the transport to charge its queues on.
+    pub fn budget(&self) -> Arc<budget::SessionBudget> {
+        self.budget.clone()
+    }
+
+    /// The transport releases each event's [`budget::event_bytes`] when it takes the
+    /// event from the queue; the session holds them on its budget while queued.
+    pub fn with_outgoing_accounting(mut self) -> Self {
+        self.count_outgoing = true;
+        self
+    }
+
     /// Runs until the client goes away or `shutdown` fires. Returns the conversation
     /// as it ended (every tool call answered), for whoever wants to look.
     pub async fn run(mut self, mut input: mpsc::Receiver<SessionInput>, out: mpsc::Sender<ServerEvent>, shutdown: CancellationToken) -> Conversation {
@@ -221,7 +255,9 @@ impl Session {
         self.announce_tools();
         self.greet();
         loop {
-            if !flush(&mut self.events, &out).await {
+            self.keep_within_limits();
+            let outgoing = self.count_outgoing.then_some(&*self.budget);
+            if !flush(&mut self.events, &out, outgoing).await {
                 break;
             }
             tokio::select! {
@@ -229,7 +265,8 @@ impl Session {
                 _ = shutdown.cancelled() => {
                     self.cancel_response(CancelReason::Shutdown);
                     self.events.push(ServerEvent::server_error("server_shutdown", "hark is shutting down; this session is closing.", None));
-                    flush(&mut self.events, &out).await;
+                    let outgoing = self.count_outgoing.then_some(&*self.budget);
+                    flush(&mut self.events, &out, outgoing).await;
                     break;
                 }
                 ev = next_backend_event(&mut self.backend_rx) => self.on_backend_event(ev),
@@ -238,18 +275,7 @@ impl Session {
                 Some((call_id, output)) = self.tool_results_rx.recv() => self.on_tool_result(call_id, output),
                 _ = sleep_until(self.calls.next_deadline()) => self.expire_client_calls(),
                 msg = input.recv() => match msg {
-                    Some(SessionInput::Client(env)) => self.handle(env),
-                    Some(SessionInput::Invalid(err)) => self.events.push(ServerEvent::from_protocol_error(err)),
-                    Some(SessionInput::TrackAudio { rate, samples }) => self.append_track_audio(rate, &samples),
-                    Some(SessionInput::CameraFrame { data_url, at_ms }) => self.add_camera_frame(data_url, at_ms),
-                    Some(SessionInput::LocalAudio(samples)) => {
-                        if let Err(e) = self.append_samples(&samples) {
-                            self.events.push(ServerEvent::from_protocol_error(e));
-                        }
-                    }
-                    Some(SessionInput::Describe(reply)) => {
-                        let _ = reply.send(self.settings.info());
-                    }
+                    Some(input) => self.on_input(input),
                     None => break,
                 },
             }
@@ -261,6 +287,28 @@ impl Session {
         self.retract_streaming();
         self.close_calls();
         self.conversation
+    }
+
+    fn on_input(&mut self, input: SessionInput) {
+                match input {
+                    SessionInput::Queued(input, charge) => {
+                        // Out of the queue: what it holds now is the session's to charge.
+                        drop(charge);
+                        self.on_input(*input);
+                    }
+                    SessionInput::Client(env) => self.handle(env),
+                    SessionInput::Invalid(err) => self.events.push(ServerEvent::from_protocol_error(err)),
+                    SessionInput::TrackAudio { rate, samples } => self.append_track_audio(rate, &samples),
+                    SessionInput::CameraFrame { data_url, at_ms } => self.add_camera_frame(data_url, at_ms),
+                    SessionInput::LocalAudio(samples) => {
+                        if let Err(e) = self.append_samples(&samples) {
+                            self.events.push(ServerEvent::from_protocol_error(e));
+                        }
+                    }
+                    SessionInput::Describe(reply) => {
+                        let _ = reply.send(self.settings.info());
+                    }
+                }
     }
 
     fn on_backend_event(&mut self, ev: Option<BackendEvent>) {
@@ -596,10 +644,19 @@ async fn next_backend_event(rx: &mut Option<mpsc::Receiver<BackendEvent>>) -> Op
     }
 }
 
-/// Sends queued events; `false` once the transport is gone.
-async fn flush(events: &mut Vec<ServerEvent>, out: &mpsc::Sender<ServerEvent>) -> bool {
+/// Sends queued events; `false` once the transport is gone. With `outgoing`, each
+/// event's bytes are held on the budget until the transport releases them.
+async fn flush(events: &mut Vec<ServerEvent>, out: &mpsc::Sender<ServerEvent>, outgoing: Option<&budget::SessionBudget>) -> bool {
     for ev in events.drain(..) {
+        let bytes = outgoing.map(|b| {
+            let n = budget::event_bytes(&ev);
+            b.hold(n);
+            (b, n)
+        });
         if out.send(ev).await.is_err() {
+            if let Some((b, n)) = bytes {
+                b.release(n);
+            }
             return false;
         }
     }

@@ -661,7 +661,7 @@ mod tests {
 
     #[test]
     fn text_then_tool_call_sequence() {
-        let mut conv = Conversation::new(100);
+        let mut conv = Conversation::new();
         let mut ev = Vec::new();
         let client = ToolRouting { client: ["f".to_string()].into(), ..Default::default() };
         let mut run = ResponseRun::start(true, vec!["text".into()], MaxTokens::Inf("inf".into()), None, client, "conv_t".into(), &mut ev);
@@ -706,7 +706,7 @@ mod tests {
 
     #[test]
     fn cancel_marks_items_incomplete_and_ends_once() {
-        let mut conv = Conversation::new(100);
+        let mut conv = Conversation::new();
         let mut ev = Vec::new();
         let mut run = ResponseRun::start(true, vec!["text".into()], MaxTokens::Count(10), None, ToolRouting::default(), "conv_t".into(), &mut ev);
         run.on_backend_event(BackendEvent::TextDelta("a".into()), &mut conv, &mut ev);
@@ -724,7 +724,7 @@ mod tests {
 
     #[test]
     fn hark_run_calls_are_mcp_calls_and_the_response_waits_for_them() {
-        let mut conv = Conversation::new(100);
+        let mut conv = Conversation::new();
         let mut ev = Vec::new();
         let routing = ToolRouting { hark: [("calc".to_string(), "hark".to_string())].into(), ..Default::default() };
         let mut run = ResponseRun::start(true, vec!["text".into()], MaxTokens::Count(10), None, routing, "conv_t".into(), &mut ev);

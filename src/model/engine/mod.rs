@@ -110,7 +110,7 @@ pub struct Engine {
     image_cache: RefCell<HashMap<usize, (std::sync::Weak<String>, Arc<vision::Patches>, u64)>>,
     /// Frame keys of recent audio clips, by the clip's address (checked through the
     /// weak reference), so a long conversation's audio is hashed once, not per turn.
-    clip_keys: RefCell<HashMap<usize, (std::sync::Weak<Vec<f32>>, Vec<PositionKey>)>>,
+    clip_keys: RefCell<HashMap<usize, (std::sync::Weak<Vec<i16>>, Vec<PositionKey>)>>,
     /// Recent replies as the model produced them: (text, token ids). Re-encoding a
     /// reply's text can give other ids than the ones generated (BPE is not unique),
     /// which would break the cached prefix at every past reply; splicing the original

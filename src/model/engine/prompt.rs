@@ -11,6 +11,7 @@ use serde_json::Value;
 use super::Engine;
 use crate::model::gemma4::template::{self, Part, RenderOptions, ToolDecl, Turn};
 use crate::model::gemma4::{audio_frames, audio_tokens, vision, ImageInput};
+use crate::media::pcm;
 use crate::model::{ChatMessage, GenerateRequest, UserPart};
 
 /// Samples per audio token (40 ms at 16 kHz).
@@ -132,7 +133,7 @@ impl Engine {
             let id = Arc::as_ptr(samples) as usize;
             let fresh = !matches!(known.get(&id), Some((clip, _)) if clip.upgrade().is_some_and(|c| Arc::ptr_eq(&c, samples)));
             if fresh {
-                known.insert(id, (Arc::downgrade(samples), samples.chunks(AUDIO_FRAME).map(frame_key).collect()));
+                known.insert(id, (Arc::downgrade(samples), samples.chunks(AUDIO_FRAME).map(|f| frame_key(&pcm::to_f32(f))).collect()));
             }
             keys[start..start + len].copy_from_slice(&known[&id].1);
             audio.push((start, samples.clone()));
@@ -185,7 +186,7 @@ pub fn placeholder_runs(tokens: &[u32], id: u32) -> Vec<(usize, usize)> {
 /// the model thread more than the new turn.
 pub struct Media {
     /// Samples per clip.
-    audio: Vec<(usize, Arc<Vec<f32>>)>,
+    audio: Vec<(usize, Arc<Vec<i16>>)>,
     images: Vec<(usize, Arc<vision::Patches>)>,
     device: Device,
 }
@@ -200,7 +201,7 @@ impl Media {
             if lo < hi {
                 let from = (lo - a) * AUDIO_FRAME;
                 let to = ((hi - a) * AUDIO_FRAME).min(clip.len());
-                samples.extend_from_slice(&clip[from..to]);
+                samples.extend(clip[from..to].iter().map(|&s| pcm::sample_to_f32(s)));
                 // The clip's last frame is zero-padded, as `audio_frames` does.
                 samples.resize(samples.len().div_ceil(AUDIO_FRAME) * AUDIO_FRAME, 0.0);
             }
@@ -221,7 +222,7 @@ impl Media {
 /// A request rendered as Gemma 4 prompt text, with the media its placeholders stand for.
 pub struct Rendered {
     pub text: String,
-    pub audio: Vec<Arc<Vec<f32>>>,
+    pub audio: Vec<Arc<Vec<i16>>>,
     /// Each image's patches and a hash of them (the image's cache key).
     pub images: Vec<(Arc<vision::Patches>, u64)>,
 }
