@@ -8,6 +8,10 @@
 //! [`STALL`], means the device is gone (unplugged, sound server restarted); the loss is
 //! reported, and the capture reopens with backoff until the device is back.
 //!
+//! With a speaker in the room, the capture thread also runs the echo canceller
+//! ([`super::echo`]) on each chunk before it leaves, so the session's VAD only hears
+//! the room minus the assistant's own voice.
+//!
 //! The buffer is a fixed power of two ([`MicSettings::buffer_frames`]): with the
 //! default size some backends deliver the first callback seconds late (cpal's
 //! PipeWire-bridge issues #1250, #1029).
@@ -21,6 +25,7 @@ use ringbuf::traits::{Consumer, Producer, Split};
 use ringbuf::HeapRb;
 use tokio::sync::mpsc;
 
+use super::echo::EchoCanceller;
 use super::{MicEvent, MicOutput, MicSettings};
 use crate::media::{StreamResampler, MODEL_SAMPLE_RATE};
 
@@ -54,7 +59,7 @@ pub struct Microphone {
 
 impl Microphone {
     /// Starts capturing; audio and events arrive on the returned receiver.
-    pub fn start(settings: MicSettings) -> (Self, mpsc::Receiver<MicOutput>) {
+    pub fn start(settings: MicSettings, echo: Option<EchoCanceller>) -> (Self, mpsc::Receiver<MicOutput>) {
         // ~2 s of 10 ms chunks: a session that falls behind loses audio, never stalls capture.
         let (tx, rx) = mpsc::channel(256);
         let stop = Arc::new(AtomicBool::new(false));
@@ -62,7 +67,7 @@ impl Microphone {
         let (s, o) = (stop.clone(), overruns.clone());
         let thread = std::thread::Builder::new()
             .name("hark-mic".into())
-            .spawn(move || capture_loop(settings, tx, s, o))
+            .spawn(move || capture_loop(settings, echo, tx, s, o))
             .expect("spawning the capture thread");
         (Self { stop, thread: Some(thread), overruns }, rx)
     }
@@ -77,10 +82,10 @@ impl Drop for Microphone {
     }
 }
 
-fn capture_loop(settings: MicSettings, tx: mpsc::Sender<MicOutput>, stop: Arc<AtomicBool>, overruns: Arc<AtomicU64>) {
+fn capture_loop(settings: MicSettings, mut echo: Option<EchoCanceller>, tx: mpsc::Sender<MicOutput>, stop: Arc<AtomicBool>, overruns: Arc<AtomicU64>) {
     let mut backoff = BACKOFF_MIN;
     while !stop.load(Ordering::Relaxed) {
-        match capture_once(&settings, &tx, &stop, &overruns) {
+        match capture_once(&settings, &mut echo, &tx, &stop, &overruns) {
             Ok(Ended::Stopped) => return,
             Ok(Ended::Lost { device, reason }) => {
                 tracing::warn!(device = %device, "microphone lost: {reason}; reopening");
@@ -134,7 +139,13 @@ pub fn device_name(d: &cpal::Device) -> String {
 }
 
 /// Opens the device and captures until it is lost or `stop` is set.
-fn capture_once(settings: &MicSettings, tx: &mpsc::Sender<MicOutput>, stop: &AtomicBool, overruns: &Arc<AtomicU64>) -> Result<Ended, MicError> {
+fn capture_once(
+    settings: &MicSettings,
+    echo: &mut Option<EchoCanceller>,
+    tx: &mpsc::Sender<MicOutput>,
+    stop: &AtomicBool,
+    overruns: &Arc<AtomicU64>,
+) -> Result<Ended, MicError> {
     let device = find_input(settings)?;
     let name = device_name(&device);
     let open_err = |reason: String| MicError::Open { device: name.clone(), reason };
@@ -208,6 +219,11 @@ fn capture_once(settings: &MicSettings, tx: &mpsc::Sender<MicOutput>, stop: &Ato
                 abandon(stream);
                 return Ok(Ended::Lost { device: name, reason: e.to_string() });
             }
+        }
+        if let Some(aec) = echo.as_mut().filter(|_| !out.is_empty()) {
+            let mut cleaned = Vec::with_capacity(out.len() + 160);
+            aec.process(&out, &mut cleaned);
+            out = cleaned;
         }
         if !out.is_empty() {
             let peak = out.iter().fold(0f32, |m, s| m.max(s.abs()));
