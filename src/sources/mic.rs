@@ -29,8 +29,8 @@ use super::echo::EchoCanceller;
 use super::{MicEvent, MicOutput, MicSettings};
 use crate::media::{StreamResampler, MODEL_SAMPLE_RATE};
 
-/// How often the capture thread drains the ring.
-const POLL: Duration = Duration::from_millis(10);
+/// How often the capture thread drains the ring (it bounds how late a sound is seen).
+const POLL: Duration = Duration::from_millis(5);
 /// No samples for this long from a started stream: the device is gone.
 const STALL: Duration = Duration::from_secs(2);
 /// Reopen backoff: first wait, and the longest.
@@ -149,7 +149,18 @@ fn capture_once(
     let device = find_input(settings)?;
     let name = device_name(&device);
     let open_err = |reason: String| MicError::Open { device: name.clone(), reason };
-    let supported = device.default_input_config().map_err(|e| open_err(e.to_string()))?;
+    let default = device.default_input_config().map_err(|e| open_err(e.to_string()))?;
+    // Capture at the model's rate when the device offers it (sound servers resample
+    // with little delay): no resampler in the path saves its 20 ms chunk and filter
+    // delay on every sound, barge-in included.
+    let supported = device
+        .supported_input_configs()
+        .ok()
+        .and_then(|mut c| {
+            c.find(|r| r.channels() == default.channels() && r.sample_format() == default.sample_format() && r.min_sample_rate() <= MODEL_SAMPLE_RATE && MODEL_SAMPLE_RATE <= r.max_sample_rate())
+        })
+        .map(|r| r.with_sample_rate(MODEL_SAMPLE_RATE))
+        .unwrap_or(default);
     let rate = supported.sample_rate();
     let channels = supported.channels().max(1);
     let format = supported.sample_format();
