@@ -45,6 +45,24 @@ enum Command {
         #[command(subcommand)]
         what: ModelCommand,
     },
+    /// Run hark as a systemd user service.
+    Service {
+        #[command(subcommand)]
+        what: ServiceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Write ~/.config/systemd/user/hark.service (`hark serve` with this binary and
+    /// config, restarted on failure); then `systemctl --user enable --now hark`.
+    Install {
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
+        /// Print the unit instead of writing it.
+        #[arg(long)]
+        print: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -217,7 +235,8 @@ fn main() -> ExitCode {
 
 fn init_logging(level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Journald-friendly: no ANSI colours unless stderr is a terminal outside journald.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(hark::service::log_colours()).with_writer(std::io::stderr).try_init();
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -296,6 +315,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 registry.shutdown().await;
                 anyhow::Ok(())
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Service { what: ServiceCommand::Install { config, print } } => {
+            if print {
+                print!("{}", hark::service::unit_for(&config)?);
+            } else {
+                let path = hark::service::install(&config)?;
+                println!("wrote {}\nstart it with: systemctl --user daemon-reload && systemctl --user enable --now hark", path.display());
+                println!("logs: journalctl --user -u hark -f");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what: BenchCommand::Pipeline { config, streams, seconds, realtime } } => {
