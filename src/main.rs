@@ -167,6 +167,19 @@ enum BenchCommand {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// The local voice loop: end of speech → first audio out (turn decision, first
+    /// token, first sentence synthesized, first buffer played), TTS real-time factor,
+    /// CPU of an idle always-on session. Needs the Piper voice and Silero (scripts/setup).
+    Voice {
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
+        /// Turns to measure.
+        #[arg(long, default_value_t = 20)]
+        turns: usize,
+        /// Random-weight preset of the embedded model.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+    },
     /// Several sessions answering at once on one embedded model: the scheduler
     /// (interleaved) against one response at a time (FIFO).
     Engine {
@@ -333,6 +346,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             hark::bench::pipeline(&config, &streams, seconds, realtime)?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "audio-devices")]
+        Command::Bench { what: BenchCommand::Voice { config, turns, preset } } => {
+            let config = Config::load(&config)?;
+            init_logging("warn");
+            hark::bench::voice(&config, turns, &preset)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(not(feature = "audio-devices"))]
+        Command::Bench { what: BenchCommand::Voice { .. } } => anyhow::bail!("this hark was built without the `audio-devices` feature"),
         Command::Bench { what: BenchCommand::Latency { preset, contexts, speech, device, dtype } } => {
             init_logging("warn");
             hark::bench::latency(&preset, &contexts, speech, &device, &dtype)?;
