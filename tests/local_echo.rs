@@ -186,9 +186,9 @@ async fn aec_keeps_the_echo_out_and_a_second_voice_barges_in() {
         voice_onset as f64 / 16.0,
         started["audio_start_ms"]
     );
-    // The goal is 100 ms (issue 10). On an idle machine this loop measured 117–124 ms
-    // (Silero's 32 ms frames, the AEC's 10 ms frames, the sound server's buffers); on a
-    // machine loaded past its cores it was several hundred. The bound here catches a
+    // The goal is 100 ms (issue 10). On a 2-core machine at load ≈5 this loop measured
+    // 124 ms (Silero's 32 ms frames, the AEC's 10 ms frames, the sound server's buffers);
+    // at load ≈10, 352 ms. The bound here catches a
     // broken barge-in path without failing on a busy CI box; the number is printed.
     eprintln!("barge-in stop latency {stop_ms:.0} ms (goal ≤ 100 ms: {})", if stop_ms <= 100.0 { "met" } else { "NOT met" });
     assert!(stop_ms <= 500.0, "playback stopped {stop_ms:.0} ms after the second voice began");
