@@ -790,6 +790,11 @@ pub fn voice(config: &Config, turns: usize, preset: &str) -> anyhow::Result<()> 
         }
         println!("\nTTS real-time factor (Piper, synthesis time / audio time): {:.3}", synth.as_secs_f64() / audio_s.max(1e-9));
         println!("CPU of an idle always-on session (VAD on silence, whole process): {:.1} % of one core", idle_cpu * 100.0);
+        println!(
+            "\nWith random weights the reply is {} random tokens without clause breaks, spoken as one piece: the synthesis rows \
+             time that whole piece, where a real model's first clause would be a few words.",
+            config.session.max_output_tokens.unwrap_or(0)
+        );
         state.shutdown.cancel();
         let _ = std::fs::remove_dir_all(&dir);
         anyhow::Ok(())
