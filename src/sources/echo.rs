@@ -165,15 +165,19 @@ impl EchoCanceller {
             let _ = self.ref_resampler.push(&self.raw[..n], &mut self.render);
         }
         let mut fed = 0;
+        let mut active = false;
         while self.render.len() - fed >= FRAME {
             let frame = &self.render[fed..fed + FRAME];
-            if rms(frame) > FAR_ACTIVE_RMS {
-                self.far_hangover = FAR_HANGOVER_FRAMES;
-            }
+            active |= rms(frame) > FAR_ACTIVE_RMS;
             let _ = self.apm.process_render_f32(&[frame], &mut [&mut self.frame_out]);
             fed += FRAME;
         }
         self.render.drain(..fed);
+        if active {
+            // Audio arrives in bursts when the machine is busy: the hangover must cover
+            // every capture frame matching this batch of render frames, plus the echo's lag.
+            self.far_hangover = self.far_hangover.max((fed / FRAME) as u32 + FAR_HANGOVER_FRAMES);
+        }
 
         self.capture.extend_from_slice(mic);
         let mut used = 0;
