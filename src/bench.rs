@@ -620,3 +620,188 @@ fn random_checkpoint(preset: &str, device: &str) -> anyhow::Result<std::path::Pa
     write_random_checkpoint(p, &dir, false, 1, |_, _| {})?;
     Ok(dir)
 }
+
+/// `hark bench voice`: the always-on local session end to end on the embedded tiny
+/// model — a Piper-spoken question is fed as the microphone in real time; from the end
+/// of speech, the turn decision (`speech_stopped`), the first token (the reply's item
+/// opens), the first sentence synthesized (first audio delta) and the first buffer
+/// written to the output (a null output: no sound device needed), p50/p95 over
+/// `turns`; then Piper's real-time factor and the CPU an idle always-on session costs.
+#[cfg(feature = "audio-devices")]
+pub fn voice(config: &Config, turns: usize, preset: &str) -> anyhow::Result<()> {
+    use crate::protocol::ServerEvent;
+    use crate::sources::{MicOutput, SpeechSink};
+    use std::sync::Mutex;
+
+    /// The output: takes what the session plays and notes when the first sample came.
+    #[derive(Default)]
+    struct NullOutput {
+        first: Mutex<Option<Instant>>,
+        written: std::sync::atomic::AtomicU64,
+    }
+    impl SpeechSink for NullOutput {
+        fn play(&self, samples: &[f32]) {
+            if let Ok(mut f) = self.first.lock() {
+                f.get_or_insert_with(Instant::now);
+            }
+            self.written.fetch_add(samples.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        fn clear(&self) {}
+        fn is_playing(&self) -> bool {
+            false
+        }
+        fn position(&self) -> u64 {
+            self.written.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        fn queued_end(&self) -> u64 {
+            self.position()
+        }
+        fn rate(&self) -> u32 {
+            crate::speech::OUTPUT_SAMPLE_RATE
+        }
+    }
+
+    let dir = random_checkpoint(preset, "cpu")?;
+    let mut config = config.clone();
+    config.backend.kind = crate::config::BackendKind::Embedded;
+    config.backend.embedded.checkpoint = dir.clone();
+    config.backend.embedded.device = "cpu".into();
+    config.audio.input = crate::config::AudioInputKind::None;
+    config.session.max_output_tokens = Some(16);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let state = crate::server::AppState::from_config(config.clone()).await?;
+        let speech = state.deps.speech.clone().context("bench voice needs a speech engine (speech.engine; run scripts/setup for the Piper voice)")?;
+        // The user's question, in hark's own voice, at the microphone's 16 kHz.
+        let q = speech.synthesize("What time is it in Paris right now?").await?;
+        let mut question = Vec::new();
+        let mut rs = crate::media::StreamResampler::with_rates(q.sample_rate, crate::media::MODEL_SAMPLE_RATE)?;
+        rs.push(&q.samples, &mut question)?;
+        rs.flush(&mut question)?;
+
+        let out = Arc::new(NullOutput::default());
+        let (mic_tx, mic_rx) = tokio::sync::mpsc::channel(256);
+        let output = crate::server::local::LocalOutput {
+            speaker: Some(out.clone() as Arc<dyn SpeechSink>),
+            echo: crate::config::EchoCancellation::Off,
+            echo_stats: None,
+        };
+        let local = crate::server::local::LocalSession::start(state.deps.clone(), mic_rx, Box::new(()), output, state.shutdown.clone());
+        let (_, mut events) = local.attach().await.context("the local session did not start")?;
+
+        // Real-time feeder: 10 ms chunks, speech then silence, on a clock.
+        let chunk = 160;
+        let feed = |samples: Vec<f32>, tx: tokio::sync::mpsc::Sender<MicOutput>| async move {
+            let mut next = tokio::time::Instant::now();
+            for c in samples.chunks(chunk) {
+                next += Duration::from_millis(10);
+                tokio::time::sleep_until(next).await;
+                if tx.send(MicOutput::Audio(c.to_vec())).await.is_err() {
+                    break;
+                }
+            }
+            Instant::now()
+        };
+        let silence = |secs: f32| vec![0.0f32; (secs * 16_000.0) as usize];
+        let mut rows: Vec<[Duration; 4]> = Vec::new();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        for turn in 0..turns {
+            if let Ok(mut f) = out.first.lock() {
+                *f = None;
+            }
+            let mut utterance = silence(0.3);
+            utterance.extend_from_slice(&question);
+            let spoken = tokio::spawn(feed(utterance, mic_tx.clone()));
+            let end_of_speech = spoken.await?;
+            // Silence goes on while hark decides and answers.
+            let quiet = tokio::spawn(feed(silence(30.0), mic_tx.clone()));
+            let (mut stopped, mut first_token, mut first_audio) = (None, None, None);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while first_audio.is_none() || stopped.is_none() {
+                let ev = match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Ok(Ok(ev)) => ev,
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+                    _ => break,
+                };
+                let now = Instant::now();
+                if std::env::var_os("HARK_BENCH_TRACE").is_some() {
+                    eprintln!("{:>6.0} ms {}", ms(now.saturating_duration_since(end_of_speech)), serde_json::to_string(&ev).unwrap_or_default().chars().take(200).collect::<String>());
+                }
+                match ev {
+                    ServerEvent::InputAudioBufferSpeechStopped { .. } => stopped = Some(now),
+                    ServerEvent::ResponseOutputItemAdded { .. } if first_token.is_none() => first_token = Some(now),
+                    ServerEvent::ResponseOutputAudioDelta { .. } if first_audio.is_none() => first_audio = Some(now),
+                    ServerEvent::ResponseDone { response } if first_audio.is_none() => {
+                        eprintln!("turn {turn}: the reply had no speech: {}", serde_json::to_string(&response).unwrap_or_default().chars().take(600).collect::<String>());
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            // Let the response finish before the next turn.
+            loop {
+                match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Ok(Ok(ServerEvent::ResponseDone { response })) => {
+                        if first_audio.is_none() {
+                            eprintln!("turn {turn}: the reply had no speech: {}", serde_json::to_string(&response).unwrap_or_default().chars().take(400).collect::<String>());
+                        }
+                        break;
+                    }
+                    Err(_) | Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break,
+                    _ => {}
+                }
+            }
+            quiet.abort();
+            let played = out.first.lock().ok().and_then(|f| *f);
+            match (stopped, first_token, first_audio, played) {
+                (Some(s), Some(t), Some(a), Some(p)) => {
+                    let since = |x: Instant| x.saturating_duration_since(end_of_speech);
+                    rows.push([since(s), since(t), since(a), since(p)]);
+                }
+                other => eprintln!("turn {turn}: incomplete ({:?})", other),
+            }
+        }
+        anyhow::ensure!(!rows.is_empty(), "no turn produced audio");
+
+        // Piper's real-time factor on a few sentences.
+        let mut synth = Duration::ZERO;
+        let mut audio_s = 0.0;
+        for s in ["Sure, it is a quarter past three in Paris.", "The weather is mild today, with a light breeze from the west.", "Anything else?"] {
+            let t = Instant::now();
+            let pcm = speech.synthesize(s).await?;
+            synth += t.elapsed();
+            audio_s += pcm.samples.len() as f64 / pcm.sample_rate as f64;
+        }
+        // An idle always-on session: silence at the microphone for 5 s.
+        let cpu0 = process_cpu_seconds();
+        let t = Instant::now();
+        feed(silence(5.0), mic_tx.clone()).await;
+        let idle_cpu = (process_cpu_seconds() - cpu0) / t.elapsed().as_secs_f64();
+
+        let td = config.session.turn_detection.as_ref();
+        println!(
+            "hark bench voice: {preset} preset (random weights) on cpu, Piper voice, {} turns; turn detection {} (silence {} ms). \
+             Times from the end of speech, p50 / p95:\n",
+            rows.len(),
+            td.map_or("none".to_string(), |t| t.kind.clone()),
+            td.map_or(0, |t| t.silence_duration_ms)
+        );
+        println!("| stage | p50 | p95 |");
+        println!("|--|--:|--:|");
+        for (i, name) in ["turn decision (speech_stopped)", "first token (reply item opens)", "first sentence synthesized (first audio delta)", "first buffer played (written to the output)"].iter().enumerate() {
+            let mut v: Vec<Duration> = rows.iter().map(|r| r[i]).collect();
+            v.sort();
+            println!("| {name} | {:.0} ms | {:.0} ms |", ms(percentile(&v, 0.5)), ms(percentile(&v, 0.95)));
+        }
+        println!("\nTTS real-time factor (Piper, synthesis time / audio time): {:.3}", synth.as_secs_f64() / audio_s.max(1e-9));
+        println!("CPU of an idle always-on session (VAD on silence, whole process): {:.1} % of one core", idle_cpu * 100.0);
+        println!(
+            "\nWith random weights the reply is {} random tokens without clause breaks, spoken as one piece: the synthesis rows \
+             time that whole piece, where a real model's first clause would be a few words.",
+            config.session.max_output_tokens.unwrap_or(0)
+        );
+        state.shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&dir);
+        anyhow::Ok(())
+    })
+}

@@ -167,10 +167,20 @@ pub struct AudioConfig {
     /// session on the microphone, which clients can attach to (`/v1/realtime?session=local`).
     pub input: AudioInputKind,
     pub mic: MicConfig,
-    /// `none`, or `speaker`: the local session speaks its replies on the output device
-    /// (with the microphone gated while it does: half-duplex).
+    /// `none`, or `speaker`: the local session speaks its replies on the output device.
     pub output: AudioOutputKind,
     pub speaker: SpeakerConfig,
+    /// With both mic and speaker: `aec` (echo cancellation; the user can talk over the
+    /// assistant), `half_duplex` (the microphone is ignored while it speaks) or `off`.
+    pub echo_cancellation: EchoCancellation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EchoCancellation {
+    Aec,
+    HalfDuplex,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -608,6 +618,7 @@ impl Default for AudioConfig {
             mic: MicConfig::default(),
             output: AudioOutputKind::None,
             speaker: SpeakerConfig::default(),
+            echo_cancellation: EchoCancellation::Aec,
         }
     }
 }

@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod model;
 pub mod protocol;
 pub mod server;
+pub mod service;
 pub mod session;
 pub mod sources;
 pub mod speech;

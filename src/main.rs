@@ -45,6 +45,24 @@ enum Command {
         #[command(subcommand)]
         what: ModelCommand,
     },
+    /// Run hark as a systemd user service.
+    Service {
+        #[command(subcommand)]
+        what: ServiceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Write ~/.config/systemd/user/hark.service (`hark serve` with this binary and
+    /// config, restarted on failure); then `systemctl --user enable --now hark`.
+    Install {
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
+        /// Print the unit instead of writing it.
+        #[arg(long)]
+        print: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -167,6 +185,19 @@ enum BenchCommand {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// The local voice loop: end of speech → first audio out (turn decision, first
+    /// token, first sentence synthesized, first buffer played), TTS real-time factor,
+    /// CPU of an idle always-on session. Needs the Piper voice and Silero (scripts/setup).
+    Voice {
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
+        /// Turns to measure.
+        #[arg(long, default_value_t = 20)]
+        turns: usize,
+        /// Random-weight preset of the embedded model.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+    },
     /// Several sessions answering at once on one embedded model: the scheduler
     /// (interleaved) against one response at a time (FIFO).
     Engine {
@@ -235,7 +266,8 @@ fn main() -> ExitCode {
 
 fn init_logging(level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Journald-friendly: no ANSI colours unless stderr is a terminal outside journald.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(hark::service::log_colours()).with_writer(std::io::stderr).try_init();
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -324,12 +356,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(hark::bench::load::load(hark::bench::load::LoadBench { config, sessions, seconds: minutes * 60.0, checkpoint, backend_url }))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Service { what: ServiceCommand::Install { config, print } } => {
+            if print {
+                print!("{}", hark::service::unit_for(&config)?);
+            } else {
+                let path = hark::service::install(&config)?;
+                println!("wrote {}\nstart it with: systemctl --user daemon-reload && systemctl --user enable --now hark", path.display());
+                println!("logs: journalctl --user -u hark -f");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench { what: BenchCommand::Pipeline { config, streams, seconds, realtime } } => {
             let config = Config::load(&config)?;
             init_logging("warn");
             hark::bench::pipeline(&config, &streams, seconds, realtime)?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "audio-devices")]
+        Command::Bench { what: BenchCommand::Voice { config, turns, preset } } => {
+            let config = Config::load(&config)?;
+            init_logging("warn");
+            hark::bench::voice(&config, turns, &preset)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(not(feature = "audio-devices"))]
+        Command::Bench { what: BenchCommand::Voice { .. } } => anyhow::bail!("this hark was built without the `audio-devices` feature"),
         Command::Bench { what: BenchCommand::Latency { preset, contexts, speech, device, dtype } } => {
             init_logging("warn");
             hark::bench::latency(&preset, &contexts, speech, &device, &dtype)?;

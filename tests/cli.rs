@@ -177,3 +177,61 @@ fn check_says_how_many_sessions_the_kv_budget_keeps() {
     let fits: usize = note.split(" keeps ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{note}"));
     assert!(note.contains(&format!("server.max_sessions is auto: {} sessions at once", fits.clamp(1, 64))), "{note}");
 }
+
+/// `hark service install` writes a systemd user unit for this binary and config
+/// (`--print` shows it instead); `hark serve` logs without ANSI colours under journald.
+#[test]
+fn service_install_writes_a_user_unit_and_logs_are_plain_for_journald() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("hark.yaml");
+    let none = repo_root().join("tests/fixtures/none");
+    std::fs::write(
+        &cfg,
+        format!(
+            "server: {{port: 0}}\nbackend: {{kind: openai, openai: {{base_url: 'http://127.0.0.1:9/v1', model: x}}}}\naudio: {{vad: energy}}\nspeech: {{engine: none}}\ntools_dir: {0}\nagents_dir: {0}\n",
+            none.display()
+        ),
+    )
+    .unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let env = [("HOME", home.to_str().unwrap()), ("XDG_CONFIG_HOME", "")];
+    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_hark")).unwrap();
+    let abs_cfg = std::fs::canonicalize(&cfg).unwrap();
+    let exec = format!("ExecStart={} serve --config {}\n", exe.display(), abs_cfg.display());
+
+    let (ok, printed) = hark(&["service", "install", "--print", "--config", cfg.to_str().unwrap()], &env);
+    assert!(ok, "{printed}");
+    assert!(printed.contains(&exec) && printed.contains("Restart=on-failure"), "{printed}");
+    let unit = home.join(".config/systemd/user/hark.service");
+    assert!(!unit.exists(), "--print writes nothing");
+
+    let (ok, out) = hark(&["service", "install", "--config", cfg.to_str().unwrap()], &env);
+    assert!(ok, "{out}");
+    assert_eq!(std::fs::read_to_string(&unit).unwrap(), printed);
+    let (ok, out) = hark(&["service", "install", "--config", "/nonexistent/hark.yaml"], &env);
+    assert!(!ok && out.contains("/nonexistent/hark.yaml"), "{out}");
+
+    // As systemd would run it: stderr to the journal (JOURNAL_STREAM set).
+    use std::io::BufRead;
+    let mut child = Command::new(&exe)
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env("JOURNAL_STREAM", "8:12345")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        let done = line.contains("hark listening");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.iter().any(|l| l.contains("hark listening")), "{seen:?}");
+    assert!(seen.iter().all(|l| !l.contains('\u{1b}')), "ANSI colours in the journal: {seen:?}");
+}

@@ -1,7 +1,8 @@
 //! The local session speaks: a turn into the virtual microphone, the spoken reply on the
 //! virtual speaker (a second null sink, recorded from its monitor), and the reply's own
 //! sound looped back into the microphone (PulseAudio `module-loopback`) does not start a
-//! turn: half-duplex gating keeps the assistant from interrupting itself.
+//! turn: half-duplex gating (`audio.echo_cancellation: half_duplex`, the fallback to
+//! AEC) keeps the assistant from interrupting itself. AEC itself: tests/local_echo.rs.
 
 mod common;
 
@@ -29,6 +30,7 @@ async fn local_session_speaks_on_the_speaker_and_does_not_hear_itself() {
     let mut cfg = test_config(&model.base_url());
     cfg.audio.input = hark::config::AudioInputKind::Mic;
     cfg.audio.output = hark::config::AudioOutputKind::Speaker;
+    cfg.audio.echo_cancellation = hark::config::EchoCancellation::HalfDuplex;
     let hark = Hark::start(cfg).await;
     let mut c = Client::connect(&format!("ws://{}/v1/realtime?session=local", hark.addr)).await;
     assert_eq!(c.seen[0]["session"]["output_modalities"][0], "audio", "{}", c.seen[0]);

@@ -187,13 +187,14 @@ async fn truncate_keeps_only_what_was_heard() {
     c.send(json!({"type": "conversation.item.retrieve", "item_id": item_id})).await;
     let item = c.until("conversation.item.retrieved").await;
     assert_eq!(item["item"]["content"][0]["transcript"], "Sure thing,", "{item}");
-    // Then ask again: the model's context holds only the heard clause.
+    // Then ask again: the model's context holds only the heard clause…
     c.send(json!({"type": "response.create"})).await;
     c.until("response.done").await;
     let reqs = model.wait_requests(2).await;
     assert_eq!(reqs.len(), 2, "a spoken reply is not followed by a continuation");
     let assistant = reqs[1]["messages"].as_array().unwrap().iter().find(|m| m["role"] == "assistant").expect("the assistant turn").clone();
-    assert_eq!(assistant["content"], "Sure thing,", "{assistant}");
+    // …and the note that the user cut it short.
+    assert_eq!(assistant["content"], format!("Sure thing,{}", hark::session::conversation::CUT_NOTE), "{assistant}");
 }
 
 /// hark serves `/v1/audio/speech` with its voice; the official openai SDK and another

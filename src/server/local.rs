@@ -7,6 +7,14 @@
 //! cancel, update the session); clients come and go, the session stays. Microphone
 //! events (opened, lost, reopening) reach attached clients as `error` events with codes
 //! `input_device_lost` / `input_device_unavailable`, and the log.
+//!
+//! With a speaker, `audio.echo_cancellation` decides how the assistant's own voice is
+//! kept out of the microphone: `aec` cancels it on the capture thread (the microphone
+//! stays live, so the user can talk over the assistant: barge-in), `half_duplex`
+//! replaces the microphone with silence while the speaker plays. On barge-in the
+//! speaker is cleared at once and the assistant's item is truncated at what was
+//! actually played (`conversation.item.truncate`, computed from the samples the device
+//! took), so the words never heard leave the model's context.
 
 use std::sync::Arc;
 
@@ -14,12 +22,13 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::media::AudioFormat;
-use crate::protocol::{ServerEvent, SessionInfo};
+use crate::config::EchoCancellation;
+use crate::protocol::{ClientEnvelope, ClientEvent, ServerEvent, SessionInfo};
 use crate::session::{Session, SessionDeps, SessionInput};
 use crate::sources::{MicEvent, MicOutput, SpeechSink};
 
-/// After the speaker falls silent the room still echoes: the microphone stays gated
-/// this long (half-duplex; there is no echo canceller yet).
+/// After the speaker falls silent the room still echoes: in half-duplex the microphone
+/// stays gated this long.
 const ECHO_TAIL: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Events buffered for attached clients; one that falls further behind misses events
@@ -29,6 +38,17 @@ const BROADCAST_CAPACITY: usize = 4096;
 pub struct LocalSession {
     input: mpsc::Sender<SessionInput>,
     events: broadcast::Sender<ServerEvent>,
+    #[cfg(feature = "audio-devices")]
+    echo_stats: Option<Arc<crate::sources::echo::EchoStats>>,
+}
+
+/// The local session's output side.
+pub struct LocalOutput {
+    pub speaker: Option<Arc<dyn SpeechSink>>,
+    pub echo: EchoCancellation,
+    /// The echo canceller's measurements, when it runs.
+    #[cfg(feature = "audio-devices")]
+    pub echo_stats: Option<Arc<crate::sources::echo::EchoStats>>,
 }
 
 impl LocalSession {
@@ -38,9 +58,10 @@ impl LocalSession {
         deps: Arc<SessionDeps>,
         mut mic_rx: mpsc::Receiver<MicOutput>,
         keep: Box<dyn Send + 'static>,
-        speaker: Option<Arc<dyn SpeechSink>>,
+        output: LocalOutput,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let speaker = output.speaker;
         let (in_tx, in_rx) = mpsc::channel(256);
         let (out_tx, mut out_rx) = mpsc::channel::<ServerEvent>(1024);
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
@@ -53,10 +74,18 @@ impl LocalSession {
 
         let bcast = events.clone();
         let sink = speaker.clone();
+        let barge_in = output.echo != EchoCancellation::HalfDuplex;
+        let to_session = in_tx.clone();
         tokio::spawn(async move {
+            let mut playback = Playback::default();
             while let Some(ev) = out_rx.recv().await {
                 if let Some(sp) = &sink {
-                    play_on(sp.as_ref(), &ev);
+                    if let Some(cut) = playback.on_event(sp.as_ref(), &ev, barge_in) {
+                        // The session has already stopped the response (it did so
+                        // before announcing the speech), so the item can be cut now.
+                        let truncate = ClientEvent::ConversationItemTruncate { item_id: cut.item_id, content_index: 0, audio_end_ms: cut.audio_end_ms };
+                        let _ = to_session.send(SessionInput::Client(ClientEnvelope { event_id: None, event: truncate })).await;
+                    }
                 }
                 // No one attached is fine: the assistant runs on its own.
                 let _ = bcast.send(ev);
@@ -64,6 +93,7 @@ impl LocalSession {
         });
 
         let (audio_tx, bcast) = (in_tx.clone(), events.clone());
+        let gate = output.echo == EchoCancellation::HalfDuplex;
         tokio::spawn(async move {
             let mut last_playing: Option<std::time::Instant> = None;
             loop {
@@ -73,7 +103,7 @@ impl LocalSession {
                 };
                 match out {
                     None => break,
-                    Some(MicOutput::Audio(mut samples)) => {
+                    Some(MicOutput::Audio(mut samples)) if gate => {
                         // Half-duplex: while the assistant speaks (and its echo dies
                         // down) the microphone hears silence, so its own voice cannot
                         // start a turn. Silence, not nothing: the timeline stays whole.
@@ -87,6 +117,11 @@ impl LocalSession {
                             break;
                         }
                     }
+                    Some(MicOutput::Audio(samples)) => {
+                        if audio_tx.send(SessionInput::LocalAudio(samples)).await.is_err() {
+                            break;
+                        }
+                    }
                     Some(MicOutput::Event(ev)) => {
                         if let Some(err) = mic_event(&ev) {
                             let _ = bcast.send(err);
@@ -96,7 +131,18 @@ impl LocalSession {
             }
             drop(keep);
         });
-        Arc::new(Self { input: in_tx, events })
+        Arc::new(Self {
+            input: in_tx,
+            events,
+            #[cfg(feature = "audio-devices")]
+            echo_stats: output.echo_stats,
+        })
+    }
+
+    /// The echo canceller's measurements (ERLE on the real loop), when it runs.
+    #[cfg(feature = "audio-devices")]
+    pub fn echo_stats(&self) -> Option<Arc<crate::sources::echo::EchoStats>> {
+        self.echo_stats.clone()
     }
 
     /// Subscribes to the session's events and returns the session as it is now.
@@ -113,18 +159,65 @@ impl LocalSession {
     }
 }
 
-/// Speech deltas go to the speaker; a cancelled response stops it.
-fn play_on(sp: &dyn SpeechSink, ev: &ServerEvent) {
-    use base64::Engine;
-    match ev {
-        ServerEvent::ResponseOutputAudioDelta { delta, .. } => {
-            if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(delta) {
-                let samples: Vec<f32> = bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / 32768.0).collect();
-                sp.play(&samples);
+/// A cut the speaker asks of the session: the item keeps what was heard.
+#[derive(Debug, PartialEq)]
+struct Cut {
+    item_id: String,
+    audio_end_ms: u64,
+}
+
+/// What the speaker is playing, as far as truncation needs to know.
+#[derive(Default)]
+struct Playback {
+    /// The spoken item whose audio went out last: its id, the speaker position of its
+    /// first sample, and how much of it (24 kHz samples) was queued.
+    item: Option<(String, u64, u64)>,
+    /// Whether the user's speech interrupts the assistant (`interrupt_response`).
+    interrupts: bool,
+}
+
+impl Playback {
+    /// Speech deltas go to the speaker; the user's speech over it (barge-in) or a
+    /// cancelled response stops it, and the heard part is returned for truncation.
+    fn on_event(&mut self, sp: &dyn SpeechSink, ev: &ServerEvent, barge_in: bool) -> Option<Cut> {
+        use base64::Engine;
+        match ev {
+            ServerEvent::SessionCreated { session } | ServerEvent::SessionUpdated { session } => {
+                self.interrupts = session.turn_detection.as_ref().and_then(|t| t.get("interrupt_response")).and_then(|v| v.as_bool()).unwrap_or(false);
+                None
             }
+            ServerEvent::ResponseOutputAudioDelta { delta, item_id, .. } => {
+                let bytes = base64::engine::general_purpose::STANDARD.decode(delta).ok()?;
+                let samples: Vec<f32> = bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / 32768.0).collect();
+                if self.item.as_ref().is_none_or(|(id, ..)| id != item_id) {
+                    self.item = Some((item_id.clone(), sp.queued_end(), 0));
+                }
+                sp.play(&samples);
+                if let Some((.., queued)) = self.item.as_mut() {
+                    *queued += samples.len() as u64;
+                }
+                None
+            }
+            ServerEvent::InputAudioBufferSpeechStarted { .. } if barge_in && self.interrupts && sp.is_playing() => self.stop(sp),
+            ServerEvent::ResponseDone { response } if response.status == crate::protocol::ResponseStatus::Cancelled => {
+                let playing = sp.is_playing();
+                let cut = if playing { self.stop(sp) } else { None };
+                sp.clear();
+                cut
+            }
+            _ => None,
         }
-        ServerEvent::ResponseDone { response } if response.status == crate::protocol::ResponseStatus::Cancelled => sp.clear(),
-        _ => {}
+    }
+
+    /// Stops playback now; the item playing keeps what the device had taken.
+    fn stop(&mut self, sp: &dyn SpeechSink) -> Option<Cut> {
+        let at = sp.position();
+        sp.clear();
+        let (item_id, start, queued) = self.item.take()?;
+        let heard_ms = at.saturating_sub(start) * 1000 / sp.rate().max(1) as u64;
+        let audio_end_ms = heard_ms.min(queued * 1000 / crate::speech::OUTPUT_SAMPLE_RATE as u64);
+        tracing::info!(item = %item_id, audio_end_ms, "barge-in: playback stopped; the reply is cut where the user stopped hearing it");
+        Some(Cut { item_id, audio_end_ms })
     }
 }
 

@@ -149,17 +149,30 @@ impl AppState {
 fn start_local_session(config: &Config, deps: Arc<SessionDeps>, shutdown: CancellationToken) -> anyhow::Result<Arc<local::LocalSession>> {
     let mic = crate::sources::MicSettings { device: config.audio.mic.device.clone(), buffer_frames: config.audio.mic.buffer_frames };
     tracing::info!("local session on the microphone ({})", mic.device.as_deref().unwrap_or("default input"));
-    let speaker: Option<Arc<dyn crate::sources::SpeechSink>> = match config.audio.output {
-        crate::config::AudioOutputKind::None => None,
+    use crate::config::EchoCancellation;
+    let echo_mode = config.audio.echo_cancellation;
+    let (speaker, reference) = match config.audio.output {
+        crate::config::AudioOutputKind::None => (None, None),
         crate::config::AudioOutputKind::Speaker => {
             anyhow::ensure!(deps.speech.is_some(), "audio.output: speaker needs a speech engine (speech.engine; is the voice fetched? run scripts/setup)");
-            let s = crate::sources::speaker::Speaker::open(config.audio.speaker.device.as_deref(), config.audio.speaker.buffer_frames)
+            let aec = echo_mode == EchoCancellation::Aec;
+            let s = crate::sources::speaker::Speaker::open(config.audio.speaker.device.as_deref(), config.audio.speaker.buffer_frames, aec)
                 .context("opening the speaker (audio.speaker)")?;
-            Some(s)
+            let reference = s.take_reference();
+            (Some(s as Arc<dyn crate::sources::SpeechSink>), reference)
         }
     };
-    let (microphone, rx) = crate::sources::mic::Microphone::start(mic, deps.audio_drops.clone());
-    Ok(local::LocalSession::start(deps, rx, Box::new(microphone), speaker, shutdown))
+    let echo = match reference {
+        Some(r) => Some(crate::sources::echo::EchoCanceller::new(r).context("starting the echo canceller")?),
+        None => None,
+    };
+    let echo_stats = echo.as_ref().map(|e| e.stats());
+    if speaker.is_some() {
+        tracing::info!(mode = ?echo_mode, "local session: echo handling");
+    }
+    let (microphone, rx) = crate::sources::mic::Microphone::start(mic, echo, deps.audio_drops.clone());
+    let output = local::LocalOutput { speaker, echo: echo_mode, echo_stats };
+    Ok(local::LocalSession::start(deps, rx, Box::new(microphone), output, shutdown))
 }
 
 #[cfg(not(feature = "audio-devices"))]

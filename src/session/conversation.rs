@@ -58,11 +58,17 @@ pub struct ConversationItem {
     pub payloads: Vec<Payload>,
     /// Never evicted from the context window (hark extension: `item.pinned`).
     pub pinned: bool,
+    /// An assistant reply the user cut short (a truncation dropped words): the model
+    /// is told so, or it would go on as if everything had been heard.
+    pub cut: bool,
 }
+
+/// What the model sees after a reply the user cut short.
+pub const CUT_NOTE: &str = " [interrupted: the user spoke over this reply and did not hear the rest]";
 
 impl ConversationItem {
     pub fn new(item: Item, payloads: Vec<Payload>) -> Self {
-        Self { item, payloads, pinned: false }
+        Self { item, payloads, pinned: false, cut: false }
     }
 
     /// What the item holds in memory: its media and text, plus a flat cost for the rest.
@@ -258,8 +264,11 @@ fn chat_messages<'a>(items: impl Iterator<Item = &'a ConversationItem>) -> Vec<C
                     }
                     Some(Role::Assistant) | None => {
                         // A spoken part's transcript is what the model said.
-                        let text: String =
+                        let mut text: String =
                             parts.iter().filter_map(|p| p.text.as_deref().or(p.transcript.as_ref().and_then(|t| t.as_deref()))).collect();
+                        if ci.cut {
+                            text.push_str(CUT_NOTE);
+                        }
                         out.push(ChatMessage::Assistant { text, tool_calls: Vec::new() });
                     }
                 }
@@ -300,6 +309,7 @@ mod tests {
             item: Item::message(id, ItemStatus::Completed, role, vec![ContentPart::input_text(text)]),
             payloads: vec![Payload::None],
             pinned: false,
+            cut: false,
         }
     }
 

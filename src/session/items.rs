@@ -125,7 +125,7 @@ impl Session {
                 .param("item.type"))
             }
         };
-        Ok(ConversationItem { item, payloads, pinned: input.pinned.unwrap_or(false) })
+        Ok(ConversationItem { item, payloads, pinned: input.pinned.unwrap_or(false), cut: false })
     }
 
     pub(super) fn content_from_input(&self, role: Role, i: usize, c: ContentInput) -> Result<(ContentPart, Payload), ProtocolError> {
@@ -223,19 +223,23 @@ impl Session {
             )
             .param("audio_end_ms"));
         }
+        let mut cut = false;
         if let Some(part) = ci.item.content.as_mut().and_then(|c| c.get_mut(content_index as usize)) {
             match (&marks, part.transcript.as_mut()) {
                 (Some(m), Some(Some(t))) => {
                     let keep = m.transcript_len_at(audio_end_ms).min(t.len());
+                    cut = keep < t.len();
                     t.truncate(keep);
                 }
                 _ => {
-                    if part.text.is_some() {
-                        part.text = Some(String::new());
+                    if let Some(t) = part.text.as_mut() {
+                        cut = !t.is_empty();
+                        t.clear();
                     }
                 }
             }
         }
+        ci.cut |= cut;
         self.events.push(ServerEvent::ConversationItemTruncated { item_id, content_index, audio_end_ms });
         Ok(())
     }

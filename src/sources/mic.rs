@@ -8,6 +8,10 @@
 //! [`STALL`], means the device is gone (unplugged, sound server restarted); the loss is
 //! reported, and the capture reopens with backoff until the device is back.
 //!
+//! With a speaker in the room, the capture thread also runs the echo canceller
+//! ([`super::echo`]) on each chunk before it leaves, so the session's VAD only hears
+//! the room minus the assistant's own voice.
+//!
 //! The buffer is a fixed power of two ([`MicSettings::buffer_frames`]): with the
 //! default size some backends deliver the first callback seconds late (cpal's
 //! PipeWire-bridge issues #1250, #1029).
@@ -21,12 +25,13 @@ use ringbuf::traits::{Consumer, Producer, Split};
 use ringbuf::HeapRb;
 use tokio::sync::mpsc;
 
+use super::echo::EchoCanceller;
 use super::{MicEvent, MicOutput, MicSettings};
 use crate::media::{StreamResampler, MODEL_SAMPLE_RATE};
 use crate::metrics::AudioDrops;
 
-/// How often the capture thread drains the ring.
-const POLL: Duration = Duration::from_millis(10);
+/// How often the capture thread drains the ring (it bounds how late a sound is seen).
+const POLL: Duration = Duration::from_millis(5);
 /// No samples for this long from a started stream: the device is gone.
 const STALL: Duration = Duration::from_secs(2);
 /// Reopen backoff: first wait, and the longest.
@@ -56,7 +61,7 @@ pub struct Microphone {
 
 impl Microphone {
     /// Starts capturing; audio and events arrive on the returned receiver.
-    pub fn start(settings: MicSettings, drops: AudioDrops) -> (Self, mpsc::Receiver<MicOutput>) {
+    pub fn start(settings: MicSettings, echo: Option<EchoCanceller>, drops: AudioDrops) -> (Self, mpsc::Receiver<MicOutput>) {
         // ~2 s of 10 ms chunks: a session that falls behind loses audio, never stalls capture.
         let (tx, rx) = mpsc::channel(256);
         let stop = Arc::new(AtomicBool::new(false));
@@ -64,7 +69,7 @@ impl Microphone {
         let (s, o) = (stop.clone(), overruns.clone());
         let thread = std::thread::Builder::new()
             .name("hark-mic".into())
-            .spawn(move || capture_loop(settings, tx, s, o, drops))
+            .spawn(move || capture_loop(settings, echo, tx, s, o, drops))
             .expect("spawning the capture thread");
         (Self { stop, thread: Some(thread), overruns }, rx)
     }
@@ -79,10 +84,10 @@ impl Drop for Microphone {
     }
 }
 
-fn capture_loop(settings: MicSettings, tx: mpsc::Sender<MicOutput>, stop: Arc<AtomicBool>, overruns: Arc<AtomicU64>, drops: AudioDrops) {
+fn capture_loop(settings: MicSettings, mut echo: Option<EchoCanceller>, tx: mpsc::Sender<MicOutput>, stop: Arc<AtomicBool>, overruns: Arc<AtomicU64>, drops: AudioDrops) {
     let mut backoff = BACKOFF_MIN;
     while !stop.load(Ordering::Relaxed) {
-        match capture_once(&settings, &tx, &stop, &overruns, &drops) {
+        match capture_once(&settings, &mut echo, &tx, &stop, &overruns, &drops) {
             Ok(Ended::Stopped) => return,
             Ok(Ended::Lost { device, reason }) => {
                 tracing::warn!(device = %device, "microphone lost: {reason}; reopening");
@@ -138,6 +143,7 @@ pub fn device_name(d: &cpal::Device) -> String {
 /// Opens the device and captures until it is lost or `stop` is set.
 fn capture_once(
     settings: &MicSettings,
+    echo: &mut Option<EchoCanceller>,
     tx: &mpsc::Sender<MicOutput>,
     stop: &AtomicBool,
     overruns: &Arc<AtomicU64>,
@@ -146,7 +152,18 @@ fn capture_once(
     let device = find_input(settings)?;
     let name = device_name(&device);
     let open_err = |reason: String| MicError::Open { device: name.clone(), reason };
-    let supported = device.default_input_config().map_err(|e| open_err(e.to_string()))?;
+    let default = device.default_input_config().map_err(|e| open_err(e.to_string()))?;
+    // Capture at the model's rate when the device offers it (sound servers resample
+    // with little delay): no resampler in the path saves its 20 ms chunk and filter
+    // delay on every sound, barge-in included.
+    let supported = device
+        .supported_input_configs()
+        .ok()
+        .and_then(|mut c| {
+            c.find(|r| r.channels() == default.channels() && r.sample_format() == default.sample_format() && r.min_sample_rate() <= MODEL_SAMPLE_RATE && MODEL_SAMPLE_RATE <= r.max_sample_rate())
+        })
+        .map(|r| r.with_sample_rate(MODEL_SAMPLE_RATE))
+        .unwrap_or(default);
     let rate = supported.sample_rate();
     let channels = supported.channels().max(1);
     let format = supported.sample_format();
@@ -225,6 +242,11 @@ fn capture_once(
                 abandon(stream);
                 return Ok(Ended::Lost { device: name, reason: e.to_string() });
             }
+        }
+        if let Some(aec) = echo.as_mut().filter(|_| !out.is_empty()) {
+            let mut cleaned = Vec::with_capacity(out.len() + 160);
+            aec.process(&out, &mut cleaned);
+            out = cleaned;
         }
         if !out.is_empty() {
             let peak = out.iter().fold(0f32, |m, s| m.max(s.abs()));

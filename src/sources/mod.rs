@@ -5,10 +5,14 @@
 //! - `mic.rs` (feature `audio-devices`, on by default; needs ALSA's libasound): the local
 //!   microphone through cpal, into a lock-free ring, resampled to 16 kHz for the
 //!   session; device loss is detected and the capture reopens.
+//! - `echo.rs`: acoustic echo cancellation (AEC3) of the speaker on the microphone,
+//!   with what the speaker played as the reference.
 //!
 //! What a source hands on ([`MicOutput`]) is defined here, without cpal, so the local
 //! session can run on any source.
 
+#[cfg(feature = "audio-devices")]
+pub mod echo;
 #[cfg(feature = "audio-devices")]
 pub mod mic;
 #[cfg(feature = "audio-devices")]
@@ -22,6 +26,13 @@ pub trait SpeechSink: Send + Sync {
     fn clear(&self);
     /// Whether speech is queued or playing (the microphone is gated meanwhile).
     fn is_playing(&self) -> bool;
+    /// Where playback is: the output-rate index of the next sample the device gets
+    /// (what was queued before it has been played, or dropped by a clear).
+    fn position(&self) -> u64;
+    /// The index just past the last queued sample.
+    fn queued_end(&self) -> u64;
+    /// The output rate those indices count in.
+    fn rate(&self) -> u32;
 }
 
 #[cfg(feature = "audio-devices")]
@@ -34,6 +45,15 @@ impl SpeechSink for speaker::Speaker {
     }
     fn is_playing(&self) -> bool {
         speaker::Speaker::is_playing(self)
+    }
+    fn position(&self) -> u64 {
+        speaker::Speaker::position(self)
+    }
+    fn queued_end(&self) -> u64 {
+        speaker::Speaker::queued_end(self)
+    }
+    fn rate(&self) -> u32 {
+        speaker::Speaker::rate(self)
     }
 }
 

@@ -5,6 +5,11 @@
 //! [`Speaker::clear`] asks the callback to drop what is queued, so playback stops
 //! within one buffer (barge-in). [`Speaker::is_playing`] tells the microphone path
 //! when the assistant's own voice may be in the room (half-duplex gating).
+//!
+//! With echo cancellation the callback also copies every sample it hands the device
+//! (silence included) into a second ring, the far-end reference for the AEC
+//! ([`super::echo`]); and it counts what it played and what a clear dropped, so the
+//! session can tell how much of a reply was heard (barge-in truncation).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +39,11 @@ pub struct Speaker {
     flush: Arc<AtomicBool>,
     /// Device-rate frames played since the start (for how much was heard).
     played: Arc<AtomicU64>,
+    /// Device-rate frames a clear dropped unplayed.
+    skipped: Arc<AtomicU64>,
+    /// Device-rate frames queued since the start.
+    pushed: AtomicU64,
+    reference: Mutex<Option<super::echo::Reference>>,
     rate: u32,
     channels: usize,
     // The stream lives as long as the speaker; it stays on the thread that made it.
@@ -52,14 +62,16 @@ impl Drop for StreamHolder {
 }
 
 impl Speaker {
-    pub fn open(device: Option<&str>, buffer_frames: u32) -> Result<Arc<Self>, SpeakerError> {
+    /// Opens the output; `reference`: also keep what is played for an echo canceller
+    /// (taken once with [`Self::take_reference`]).
+    pub fn open(device: Option<&str>, buffer_frames: u32, reference: bool) -> Result<Arc<Self>, SpeakerError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let device = device.map(str::to_string);
         std::thread::Builder::new()
             .name("hark-speaker".into())
             .spawn(move || {
-                match open_stream(device.as_deref(), buffer_frames) {
+                match open_stream(device.as_deref(), buffer_frames, reference) {
                     Ok((stream, parts)) => {
                         let _ = ready_tx.send(Ok(parts));
                         // Holds the stream until the speaker is dropped.
@@ -72,12 +84,16 @@ impl Speaker {
                 }
             })
             .map_err(|e| SpeakerError::Open(e.to_string()))?;
-        let (prod, flush, played, rate, channels) = ready_rx.recv().map_err(|_| SpeakerError::Open("the speaker thread ended".into()))??;
+        let Parts { prod, flush, played, skipped, rate, channels, reference } =
+            ready_rx.recv().map_err(|_| SpeakerError::Open("the speaker thread ended".into()))??;
         let resampler = StreamResampler::with_rates(OUTPUT_SAMPLE_RATE, rate).map_err(|e| SpeakerError::Open(e.to_string()))?;
         Ok(Arc::new(Self {
             prod: Mutex::new((prod, resampler)),
             flush,
             played,
+            skipped,
+            pushed: AtomicU64::new(0),
+            reference: Mutex::new(reference.map(|samples| super::echo::Reference { samples, rate })),
             rate,
             channels,
             _stream: StreamHolder { stop: Some(stop_tx) },
@@ -93,7 +109,28 @@ impl Speaker {
             return;
         }
         // A full ring drops the rest of this chunk (a minute of speech is queued already).
-        prod.push_slice(&out);
+        let n = prod.push_slice(&out);
+        self.pushed.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// The far-end reference for an echo canceller (once; `None` if not asked for).
+    pub fn take_reference(&self) -> Option<super::echo::Reference> {
+        self.reference.lock().ok().and_then(|mut r| r.take())
+    }
+
+    /// Position (device-rate frames since open) of the next sample the device will get:
+    /// everything queued before it was played or dropped by a clear.
+    pub fn position(&self) -> u64 {
+        self.played.load(Ordering::Relaxed) + self.skipped.load(Ordering::Relaxed)
+    }
+
+    /// Position just past the last queued sample.
+    pub fn queued_end(&self) -> u64 {
+        self.pushed.load(Ordering::Relaxed)
+    }
+
+    pub fn rate(&self) -> u32 {
+        self.rate
     }
 
     /// Drops everything queued: playback stops within one device buffer.
@@ -116,9 +153,20 @@ impl Speaker {
     }
 }
 
-type Parts = (HeapProd<f32>, Arc<AtomicBool>, Arc<AtomicU64>, u32, usize);
+struct Parts {
+    prod: HeapProd<f32>,
+    flush: Arc<AtomicBool>,
+    played: Arc<AtomicU64>,
+    skipped: Arc<AtomicU64>,
+    rate: u32,
+    channels: usize,
+    reference: Option<HeapCons<f32>>,
+}
 
-fn open_stream(name: Option<&str>, buffer_frames: u32) -> Result<(cpal::Stream, Parts), SpeakerError> {
+/// Seconds of played audio the reference ring holds (drained every capture poll).
+const REFERENCE_SECONDS: usize = 2;
+
+fn open_stream(name: Option<&str>, buffer_frames: u32, reference: bool) -> Result<(cpal::Stream, Parts), SpeakerError> {
     let host = cpal::default_host();
     let device = match name {
         None => host.default_output_device().ok_or(SpeakerError::NoDefault)?,
@@ -135,41 +183,59 @@ fn open_stream(name: Option<&str>, buffer_frames: u32) -> Result<(cpal::Stream, 
     let (prod, cons) = HeapRb::<f32>::new(rate as usize * RING_SECONDS).split();
     let flush = Arc::new(AtomicBool::new(false));
     let played = Arc::new(AtomicU64::new(0));
-    let on_error = |e: cpal::Error| tracing::warn!("speaker: {e}");
-    let stream = match supported.sample_format() {
-        cpal::SampleFormat::F32 => device.build_output_stream(config, fill::<f32>(cons, channels, flush.clone(), played.clone(), |s| s), on_error, None),
-        cpal::SampleFormat::I16 => {
-            device.build_output_stream(config, fill::<i16>(cons, channels, flush.clone(), played.clone(), |s| (s.clamp(-1.0, 1.0) * 32767.0) as i16), on_error, None)
+    let skipped = Arc::new(AtomicU64::new(0));
+    let (ref_prod, ref_cons) = match reference {
+        true => {
+            let (p, c) = HeapRb::<f32>::new(rate as usize * REFERENCE_SECONDS).split();
+            (Some(p), Some(c))
         }
+        false => (None, None),
+    };
+    let on_error = |e: cpal::Error| tracing::warn!("speaker: {e}");
+    let ends = Ends { cons, reference: ref_prod, channels, flush: flush.clone(), played: played.clone(), skipped: skipped.clone() };
+    let stream = match supported.sample_format() {
+        cpal::SampleFormat::F32 => device.build_output_stream(config, fill::<f32>(ends, |s| s), on_error, None),
+        cpal::SampleFormat::I16 => device.build_output_stream(config, fill::<i16>(ends, |s| (s.clamp(-1.0, 1.0) * 32767.0) as i16), on_error, None),
         other => return Err(SpeakerError::Open(format!("sample format {other} is not supported"))),
     }
     .map_err(|e| SpeakerError::Open(e.to_string()))?;
     stream.play().map_err(|e| SpeakerError::Open(e.to_string()))?;
     tracing::info!(rate, channels, buffer_frames, "speaker open");
-    Ok((stream, (prod, flush, played, rate, channels)))
+    Ok((stream, Parts { prod, flush, played, skipped, rate, channels, reference: ref_cons }))
 }
 
-/// The real-time output callback: pop mono samples, copy to every channel.
-fn fill<T: cpal::SizedSample + Default + Copy + 'static>(
-    mut cons: HeapCons<f32>,
+/// What the output callback owns.
+struct Ends {
+    cons: HeapCons<f32>,
+    reference: Option<HeapProd<f32>>,
     channels: usize,
     flush: Arc<AtomicBool>,
     played: Arc<AtomicU64>,
-    convert: fn(f32) -> T,
-) -> impl FnMut(&mut [T], &cpal::OutputCallbackInfo) + Send + 'static {
+    skipped: Arc<AtomicU64>,
+}
+
+/// The real-time output callback: pop mono samples, copy to every channel, and to the
+/// echo reference exactly as played (a full reference ring drops samples rather than wait).
+fn fill<T: cpal::SizedSample + Default + Copy + 'static>(mut e: Ends, convert: fn(f32) -> T) -> impl FnMut(&mut [T], &cpal::OutputCallbackInfo) + Send + 'static {
     move |data: &mut [T], _| {
-        if flush.swap(false, Ordering::AcqRel) {
-            cons.clear();
+        if e.flush.swap(false, Ordering::AcqRel) {
+            let dropped = e.cons.occupied_len();
+            e.cons.clear();
+            e.skipped.fetch_add(dropped as u64, Ordering::Relaxed);
         }
-        for frame in data.chunks_exact_mut(channels) {
-            let s = cons.try_pop();
-            if s.is_some() {
-                played.fetch_add(1, Ordering::Relaxed);
+        let mut n = 0u64;
+        for frame in data.chunks_exact_mut(e.channels) {
+            let s = e.cons.try_pop();
+            n += s.is_some() as u64;
+            let s = s.unwrap_or(0.0);
+            if let Some(r) = e.reference.as_mut() {
+                let _ = r.try_push(s);
             }
-            let v = convert(s.unwrap_or(0.0));
+            let v = convert(s);
             for out in frame {
                 *out = v;
             }
         }
+        e.played.fetch_add(n, Ordering::Relaxed);
     }
 }
