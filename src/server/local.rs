@@ -196,8 +196,9 @@ impl LocalSession {
 enum Listening {
     /// Waiting for the wake phrase: the session hears silence.
     Asleep,
-    /// The phrase was heard at `since`; `speech` once the user's turn has begun.
-    Awake { since: std::time::Instant, speech: bool },
+    /// Awake, idle since `since`; `busy` while the user speaks or a response runs
+    /// (then `listen` does not count).
+    Awake { since: std::time::Instant, busy: bool },
 }
 
 /// The wake word between the microphone and the session. While asleep the audio is
@@ -217,7 +218,7 @@ impl WakeGate {
     /// Takes microphone audio; returns what the session gets now, and the score when
     /// this audio woke the gate.
     pub fn on_audio(&mut self, samples: Vec<f32>) -> (Vec<f32>, Option<f32>) {
-        if let Listening::Awake { since, speech: false } = self.state {
+        if let Listening::Awake { since, busy: false } = self.state {
             if since.elapsed() >= self.wake.listen {
                 tracing::info!("wake word: no speech within {} ms; waiting for the wake phrase again", self.wake.listen.as_millis());
                 self.sleep();
@@ -237,7 +238,7 @@ impl WakeGate {
         self.held.extend(samples.iter().copied());
         if let Some(score) = score.filter(|s| *s >= self.wake.threshold) {
             tracing::info!(score, "wake word detected; listening");
-            self.state = Listening::Awake { since: std::time::Instant::now(), speech: false };
+            self.state = Listening::Awake { since: std::time::Instant::now(), busy: false };
             return (self.held.drain(..).collect(), Some(score));
         }
         let over = self.held.len().saturating_sub(WAKE_PREROLL_SAMPLES);
@@ -248,11 +249,17 @@ impl WakeGate {
     /// Follows the session: the turn beginning, and its response ending.
     pub fn on_event(&mut self, ev: &ServerEvent) {
         let Listening::Awake { since, .. } = self.state else { return };
+        let now = std::time::Instant::now();
         match ev {
-            ServerEvent::InputAudioBufferSpeechStarted { .. } => self.state = Listening::Awake { since, speech: true },
+            ServerEvent::InputAudioBufferSpeechStarted { .. } | ServerEvent::ResponseCreated { .. } => {
+                self.state = Listening::Awake { since, busy: true };
+            }
+            // A turn that asks for no response still ends the user's speech; `listen`
+            // counts from there.
+            ServerEvent::InputAudioBufferSpeechStopped { .. } => self.state = Listening::Awake { since: now, busy: false },
             // Cut off by the user's own speech (barge-in): their new turn is coming.
             ServerEvent::ResponseDone { response } if response.status == crate::protocol::ResponseStatus::Cancelled => {
-                self.state = Listening::Awake { since: std::time::Instant::now(), speech: false };
+                self.state = Listening::Awake { since: now, busy: false };
             }
             ServerEvent::ResponseDone { .. } => {
                 tracing::info!("wake word: answered; waiting for the wake phrase again");
