@@ -685,6 +685,7 @@ pub fn voice(config: &Config, turns: usize, preset: &str) -> anyhow::Result<()> 
             speaker: Some(out.clone() as Arc<dyn SpeechSink>),
             echo: crate::config::EchoCancellation::Off,
             echo_stats: None,
+            wake: None,
         };
         let local = crate::server::local::LocalSession::start(state.deps.clone(), mic_rx, Box::new(()), output, state.shutdown.clone());
         let (_, mut events) = local.attach().await.context("the local session did not start")?;

@@ -61,6 +61,17 @@ pub fn check(path: &Path) -> CheckReport {
             report.problems.push(format!("{}: audio: {e}", path.display()));
         }
     }
+    if config.audio.activation == crate::config::Activation::WakeWord {
+        let w = &config.audio.wake_word;
+        let paths = crate::media::wake::WakeModelPaths {
+            melspectrogram: config.resolve(&w.melspectrogram),
+            embedding: config.resolve(&w.embedding),
+            model: config.resolve(&w.model),
+        };
+        if let Err(e) = crate::media::wake::WakeModel::load(&config.onnxruntime_library(), &paths) {
+            report.problems.push(format!("{}: audio.wake_word: {e}", path.display()));
+        }
+    }
     if config.backend.kind == BackendKind::Embedded {
         let dir = config.resolve(&config.backend.embedded.checkpoint);
         let cfg = dir.join("config.json");

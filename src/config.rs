@@ -173,6 +173,43 @@ pub struct AudioConfig {
     /// With both mic and speaker: `aec` (echo cancellation; the user can talk over the
     /// assistant), `half_duplex` (the microphone is ignored while it speaks) or `off`.
     pub echo_cancellation: EchoCancellation,
+    /// What the local session answers: `always` (every turn) or `wake_word` (only the
+    /// turn after the wake phrase; `audio.wake_word`).
+    pub activation: Activation,
+    pub wake_word: WakeWordConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Always,
+    WakeWord,
+}
+
+/// openWakeWord's models (code Apache-2.0; pretrained models CC BY-NC-SA 4.0).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WakeWordConfig {
+    /// The wake phrase's model, e.g. `vendor/hey_jarvis_v0.1.onnx`.
+    pub model: PathBuf,
+    pub melspectrogram: PathBuf,
+    pub embedding: PathBuf,
+    /// Score (0..1) at which the phrase counts as said.
+    pub threshold: f32,
+    /// After the wake phrase, how long to wait for speech before going back to waiting.
+    pub listen_ms: u64,
+}
+
+impl Default for WakeWordConfig {
+    fn default() -> Self {
+        Self {
+            model: "vendor/hey_jarvis_v0.1.onnx".into(),
+            melspectrogram: "vendor/oww_melspectrogram.onnx".into(),
+            embedding: "vendor/oww_embedding_model.onnx".into(),
+            threshold: 0.5,
+            listen_ms: 8_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -619,6 +656,8 @@ impl Default for AudioConfig {
             output: AudioOutputKind::None,
             speaker: SpeakerConfig::default(),
             echo_cancellation: EchoCancellation::Aec,
+            activation: Activation::Always,
+            wake_word: WakeWordConfig::default(),
         }
     }
 }
@@ -742,6 +781,13 @@ impl Config {
         let frames = self.audio.mic.buffer_frames;
         if !frames.is_power_of_two() || !(64..=8192).contains(&frames) {
             return bad(format!("audio.mic.buffer_frames: {frames} must be a power of two from 64 to 8192"));
+        }
+        let threshold = self.audio.wake_word.threshold;
+        if !(threshold > 0.0 && threshold < 1.0) {
+            return bad(format!("audio.wake_word.threshold: {threshold} must be between 0 and 1"));
+        }
+        if self.audio.wake_word.listen_ms == 0 {
+            return bad("audio.wake_word.listen_ms must be above 0".to_string());
         }
         if !(self.speech.piper.length_scale > 0.0 && self.speech.piper.length_scale <= 4.0) {
             return bad(format!("speech.piper.length_scale: {} must be within (0, 4]", self.speech.piper.length_scale));

@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod reencode;
 pub mod resample;
 pub mod vad;
+pub mod wake;
 
 pub use chunk::FrameChunker;
 pub use codec::AudioFormat;

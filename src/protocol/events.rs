@@ -192,6 +192,10 @@ pub enum ServerEvent {
     McpListToolsCompleted { item_id: String },
     #[serde(rename = "rate_limits.updated")]
     RateLimitsUpdated { rate_limits: Vec<Value> },
+    /// hark's own: the local session heard its wake phrase (`audio.activation:
+    /// wake_word`) with this score (0..1) and takes the next turn.
+    #[serde(rename = "hark.wake_word.detected")]
+    HarkWakeWordDetected { score: f32 },
 }
 
 fn session_placeholder<S: serde::Serializer>(_: &SessionInfo, s: S) -> Result<S::Ok, S::Error> {

@@ -15,6 +15,13 @@
 //! speaker is cleared at once and the assistant's item is truncated at what was
 //! actually played (`conversation.item.truncate`, computed from the samples the device
 //! took), so the words never heard leave the model's context.
+//!
+//! With `audio.activation: wake_word` a [`WakeGate`] stands between the microphone and
+//! the session: until the wake phrase is heard the session gets silence (no turns,
+//! nothing in the conversation); when it is, the last [`WAKE_PREROLL_SAMPLES`] of real
+//! audio (the phrase itself) go in at once and the microphone stays open until the
+//! response is done, or `listen_ms` passes with no speech. Attached clients see
+//! `hark.wake_word.detected`.
 
 use std::sync::Arc;
 
@@ -35,6 +42,10 @@ const ECHO_TAIL: std::time::Duration = std::time::Duration::from_millis(300);
 /// (and is told so), it never slows the session.
 const BROADCAST_CAPACITY: usize = 4096;
 
+/// Audio held back while waiting for the wake phrase: it must cover the phrase and the
+/// VAD's lead-in, since the phrase is recognised only after it is said.
+pub const WAKE_PREROLL_SAMPLES: usize = 2 * crate::media::MODEL_SAMPLE_RATE as usize;
+
 pub struct LocalSession {
     input: mpsc::Sender<SessionInput>,
     events: broadcast::Sender<ServerEvent>,
@@ -49,6 +60,15 @@ pub struct LocalOutput {
     /// The echo canceller's measurements, when it runs.
     #[cfg(feature = "audio-devices")]
     pub echo_stats: Option<Arc<crate::sources::echo::EchoStats>>,
+    /// `audio.activation: wake_word`: the detector that opens the microphone.
+    pub wake: Option<WakeWord>,
+}
+
+/// The wake word's loaded models and settings.
+pub struct WakeWord {
+    pub detector: crate::media::wake::WakeDetector,
+    pub threshold: f32,
+    pub listen: std::time::Duration,
 }
 
 impl LocalSession {
@@ -72,8 +92,10 @@ impl LocalSession {
         }
         tokio::spawn(session.run(in_rx, out_tx, shutdown.clone()));
 
+        let gate = output.wake.map(|w| Arc::new(std::sync::Mutex::new(WakeGate::new(w))));
         let bcast = events.clone();
         let sink = speaker.clone();
+        let gate_events = gate.clone();
         let barge_in = output.echo != EchoCancellation::HalfDuplex;
         let to_session = in_tx.clone();
         tokio::spawn(async move {
@@ -87,13 +109,16 @@ impl LocalSession {
                         let _ = to_session.send(SessionInput::Client(ClientEnvelope { event_id: None, event: truncate })).await;
                     }
                 }
+                if let Some(g) = &gate_events {
+                    g.lock().unwrap_or_else(|p| p.into_inner()).on_event(&ev);
+                }
                 // No one attached is fine: the assistant runs on its own.
                 let _ = bcast.send(ev);
             }
         });
 
         let (audio_tx, bcast) = (in_tx.clone(), events.clone());
-        let gate = output.echo == EchoCancellation::HalfDuplex;
+        let half_duplex = output.echo == EchoCancellation::HalfDuplex;
         tokio::spawn(async move {
             let mut last_playing: Option<std::time::Instant> = None;
             loop {
@@ -103,21 +128,28 @@ impl LocalSession {
                 };
                 match out {
                     None => break,
-                    Some(MicOutput::Audio(mut samples)) if gate => {
+                    Some(MicOutput::Audio(mut samples)) => {
                         // Half-duplex: while the assistant speaks (and its echo dies
                         // down) the microphone hears silence, so its own voice cannot
                         // start a turn. Silence, not nothing: the timeline stays whole.
-                        if speaker.as_ref().is_some_and(|s| s.is_playing()) {
-                            last_playing = Some(std::time::Instant::now());
+                        if half_duplex {
+                            if speaker.as_ref().is_some_and(|s| s.is_playing()) {
+                                last_playing = Some(std::time::Instant::now());
+                            }
+                            if last_playing.is_some_and(|t| t.elapsed() < ECHO_TAIL) {
+                                samples.iter_mut().for_each(|s| *s = 0.0);
+                            }
                         }
-                        if last_playing.is_some_and(|t| t.elapsed() < ECHO_TAIL) {
-                            samples.iter_mut().for_each(|s| *s = 0.0);
+                        if let Some(g) = &gate {
+                            let (out, detected) = g.lock().unwrap_or_else(|p| p.into_inner()).on_audio(samples);
+                            if let Some(score) = detected {
+                                let _ = bcast.send(ServerEvent::HarkWakeWordDetected { score });
+                            }
+                            samples = out;
+                            if samples.is_empty() {
+                                continue;
+                            }
                         }
-                        if audio_tx.send(SessionInput::LocalAudio(samples)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(MicOutput::Audio(samples)) => {
                         if audio_tx.send(SessionInput::LocalAudio(samples)).await.is_err() {
                             break;
                         }
@@ -156,6 +188,96 @@ impl LocalSession {
     /// Where attached clients send their events.
     pub fn input(&self) -> mpsc::Sender<SessionInput> {
         self.input.clone()
+    }
+}
+
+/// Whether the microphone reaches the session under `activation: wake_word`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Listening {
+    /// Waiting for the wake phrase: the session hears silence.
+    Asleep,
+    /// Awake, idle since `since`; `busy` while the user speaks or a response runs
+    /// (then `listen` does not count).
+    Awake { since: std::time::Instant, busy: bool },
+}
+
+/// The wake word between the microphone and the session. While asleep the audio is
+/// delayed by [`WAKE_PREROLL_SAMPLES`] and passed on as silence, so the session's
+/// timeline stays whole and the phrase can still be handed over once recognised.
+pub struct WakeGate {
+    wake: WakeWord,
+    state: Listening,
+    held: std::collections::VecDeque<f32>,
+}
+
+impl WakeGate {
+    pub fn new(wake: WakeWord) -> Self {
+        Self { wake, state: Listening::Asleep, held: std::collections::VecDeque::with_capacity(WAKE_PREROLL_SAMPLES + 4096) }
+    }
+
+    /// Takes microphone audio; returns what the session gets now, and the score when
+    /// this audio woke the gate.
+    pub fn on_audio(&mut self, samples: Vec<f32>) -> (Vec<f32>, Option<f32>) {
+        if let Listening::Awake { since, busy: false } = self.state {
+            if since.elapsed() >= self.wake.listen {
+                tracing::info!("wake word: no speech within {} ms; waiting for the wake phrase again", self.wake.listen.as_millis());
+                self.sleep();
+            }
+        }
+        if let Listening::Awake { .. } = self.state {
+            return (samples, None);
+        }
+        let score = match self.wake.detector.push(&samples) {
+            Ok(s) => s,
+            Err(e) => {
+                // A failing model must not take the microphone down; it just cannot wake.
+                tracing::warn!("wake word: {e}");
+                None
+            }
+        };
+        self.held.extend(samples.iter().copied());
+        if let Some(score) = score.filter(|s| *s >= self.wake.threshold) {
+            tracing::info!(score, "wake word detected; listening");
+            self.state = Listening::Awake { since: std::time::Instant::now(), busy: false };
+            return (self.held.drain(..).collect(), Some(score));
+        }
+        let over = self.held.len().saturating_sub(WAKE_PREROLL_SAMPLES);
+        self.held.drain(..over);
+        (vec![0.0; over], None)
+    }
+
+    /// Follows the session: the turn beginning, and its response ending.
+    pub fn on_event(&mut self, ev: &ServerEvent) {
+        let Listening::Awake { since, .. } = self.state else { return };
+        let now = std::time::Instant::now();
+        match ev {
+            ServerEvent::InputAudioBufferSpeechStarted { .. } | ServerEvent::ResponseCreated { .. } => {
+                self.state = Listening::Awake { since, busy: true };
+            }
+            // A turn that asks for no response still ends the user's speech; `listen`
+            // counts from there.
+            ServerEvent::InputAudioBufferSpeechStopped { .. } => self.state = Listening::Awake { since: now, busy: false },
+            // Cut off by the user's own speech (barge-in): their new turn is coming.
+            ServerEvent::ResponseDone { response } if response.status == crate::protocol::ResponseStatus::Cancelled => {
+                self.state = Listening::Awake { since: now, busy: false };
+            }
+            ServerEvent::ResponseDone { .. } => {
+                tracing::info!("wake word: answered; waiting for the wake phrase again");
+                self.sleep();
+            }
+            _ => {}
+        }
+    }
+
+    pub fn is_awake(&self) -> bool {
+        matches!(self.state, Listening::Awake { .. })
+    }
+
+    fn sleep(&mut self) {
+        self.state = Listening::Asleep;
+        self.held.clear();
+        // The phrase is still in the detector's last 1.3 s of history: start clean.
+        self.wake.detector.reset();
     }
 }
 

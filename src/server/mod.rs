@@ -171,8 +171,28 @@ fn start_local_session(config: &Config, deps: Arc<SessionDeps>, shutdown: Cancel
         tracing::info!(mode = ?echo_mode, "local session: echo handling");
     }
     let (microphone, rx) = crate::sources::mic::Microphone::start(mic, echo, deps.audio_drops.clone());
-    let output = local::LocalOutput { speaker, echo: echo_mode, echo_stats };
+    let wake = match config.audio.activation {
+        crate::config::Activation::Always => None,
+        crate::config::Activation::WakeWord => Some(load_wake_word(config)?),
+    };
+    let output = local::LocalOutput { speaker, echo: echo_mode, echo_stats, wake };
     Ok(local::LocalSession::start(deps, rx, Box::new(microphone), output, shutdown))
+}
+
+/// `audio.activation: wake_word`: openWakeWord's models, loaded (and run once) now.
+#[cfg(feature = "audio-devices")]
+pub fn load_wake_word(config: &Config) -> anyhow::Result<local::WakeWord> {
+    let w = &config.audio.wake_word;
+    let paths = crate::media::wake::WakeModelPaths {
+        melspectrogram: config.resolve(&w.melspectrogram),
+        embedding: config.resolve(&w.embedding),
+        model: config.resolve(&w.model),
+    };
+    let detector = crate::media::wake::WakeModel::load(&config.onnxruntime_library(), &paths)
+        .and_then(|m| m.detector())
+        .context("loading the wake word (audio.wake_word; audio.activation: always turns it off)")?;
+    tracing::info!(model = %paths.model.display(), threshold = w.threshold, "local session: activation by wake word");
+    Ok(local::WakeWord { detector, threshold: w.threshold, listen: Duration::from_millis(w.listen_ms) })
 }
 
 #[cfg(not(feature = "audio-devices"))]
