@@ -11,7 +11,7 @@ use std::time::Instant;
 use common::*;
 use serde_json::{json, Value};
 
-use hark::speech::piper::{PiperSettings, PiperVoice};
+use hark::speech::piper::PiperVoice;
 use hark::speech::SpeechEngine;
 
 const REPLY: &str = "Sure thing, the weather in Paris is mild today. Enjoy your walk by the river!";
@@ -21,15 +21,7 @@ fn python() -> String {
 }
 
 fn voice() -> PiperVoice {
-    PiperVoice::load(&PiperSettings {
-        onnxruntime_library: repo_root().join("vendor/libonnxruntime.so"),
-        model: repo_root().join("vendor/en_US-joe-medium.onnx"),
-        config: None,
-        espeak_program: "espeak-ng".into(),
-        length_scale: 1.0,
-        threads: 0,
-    })
-    .expect("the Piper voice: run scripts/setup, which fetches it")
+    common::piper_voice()
 }
 
 fn rms(x: &[f32]) -> f32 {

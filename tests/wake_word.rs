@@ -9,7 +9,6 @@ mod common;
 use common::*;
 use hark::media::wake::{WakeDetector, WakeModel, WakeModelPaths};
 use hark::media::StreamResampler;
-use hark::speech::piper::{PiperSettings, PiperVoice};
 
 const THRESHOLD: f32 = 0.5;
 
@@ -51,15 +50,7 @@ fn max_score(d: &mut WakeDetector, speech: &[f32]) -> f32 {
 }
 
 fn piper_16k(text: &str) -> Vec<f32> {
-    let voice = PiperVoice::load(&PiperSettings {
-        onnxruntime_library: repo_root().join("vendor/libonnxruntime.so"),
-        model: repo_root().join("vendor/en_US-joe-medium.onnx"),
-        config: None,
-        espeak_program: "espeak-ng".into(),
-        length_scale: 1.0,
-        threads: 0,
-    })
-    .expect("the Piper voice: run scripts/setup, which fetches it");
+    let voice = common::piper_voice();
     let pcm = voice.synthesize_blocking(text).unwrap();
     to_16k(pcm.sample_rate, &pcm.samples)
 }

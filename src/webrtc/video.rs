@@ -245,31 +245,27 @@ impl Drop for Vp8Decoder {
     }
 }
 
-/// BT.601 limited-range YUV 4:2:0 → RGB8, as browsers encode camera video.
+/// libvpx's I420 picture as plane slices, converted by [`yuv420_to_rgb`].
+///
+/// # Safety
+/// `img` comes from libvpx and is valid until the next decode call; its planes hold
+/// `stride × rows` bytes each (rows: `d_h`, half of it rounded up for the chroma planes).
 unsafe fn i420_to_rgb(img: &vpx_sys::vpx_image_t) -> Result<(Vec<u8>, usize, usize), VideoError> {
     if img.fmt != vpx_sys::vpx_img_fmt::VPX_IMG_FMT_I420 {
         return Err(VideoError::Format(img.fmt as u32));
     }
     let (w, h) = (img.d_w as usize, img.d_h as usize);
-    let (ys, us, vs) = (img.stride[0] as usize, img.stride[1] as usize, img.stride[2] as usize);
-    let mut rgb = vec![0u8; w * h * 3];
-    for y in 0..h {
-        for x in 0..w {
-            let yy = *img.planes[0].add(y * ys + x) as f32;
-            let u = *img.planes[1].add((y / 2) * us + x / 2) as f32 - 128.0;
-            let v = *img.planes[2].add((y / 2) * vs + x / 2) as f32 - 128.0;
-            let c = 1.164 * (yy - 16.0);
-            let px = &mut rgb[(y * w + x) * 3..][..3];
-            px[0] = (c + 1.596 * v).clamp(0.0, 255.0) as u8;
-            px[1] = (c - 0.392 * u - 0.813 * v).clamp(0.0, 255.0) as u8;
-            px[2] = (c + 2.017 * u).clamp(0.0, 255.0) as u8;
-        }
-    }
-    Ok((rgb, w, h))
+    let plane = |i: usize, rows: usize| {
+        let stride = img.stride[i].max(0) as usize;
+        // SAFETY: as the function's contract says, libvpx allocated `stride × rows` bytes.
+        (unsafe { std::slice::from_raw_parts(img.planes[i], stride * rows) }, stride)
+    };
+    yuv420_to_rgb(plane(0, h), plane(1, h.div_ceil(2)), plane(2, h.div_ceil(2)), w, h)
 }
 
-/// The same conversion over planes given as slices with their strides (OpenH264's
-/// output); a plane shorter than its size says is an error, not a panic.
+/// BT.601 limited-range YUV 4:2:0 → RGB8, as browsers encode camera video, over
+/// planes given as slices with their strides (libvpx's and OpenH264's output); a
+/// plane shorter than its size says is an error, not a panic.
 pub(super) fn yuv420_to_rgb(
     (y_plane, ys): (&[u8], usize),
     (u_plane, us): (&[u8], usize),
@@ -279,7 +275,7 @@ pub(super) fn yuv420_to_rgb(
 ) -> Result<(Vec<u8>, usize, usize), VideoError> {
     let fits = |plane: &[u8], stride: usize, pw: usize, ph: usize| ph == 0 || (stride >= pw && plane.len() >= (ph - 1) * stride + pw);
     if w == 0 || h == 0 || !fits(y_plane, ys, w, h) || !fits(u_plane, us, w.div_ceil(2), h.div_ceil(2)) || !fits(v_plane, vs, w.div_ceil(2), h.div_ceil(2)) {
-        return Err(VideoError::Decoder("h264", format!("a decoded {w}x{h} picture with planes too small for it")));
+        return Err(VideoError::Decoder("video", format!("a decoded {w}x{h} picture with planes too small for it")));
     }
     let mut rgb = vec![0u8; w * h * 3];
     for y in 0..h {

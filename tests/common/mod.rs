@@ -452,3 +452,17 @@ pub fn wav_pcm_bytes(path: &Path) -> Vec<u8> {
     let mut r = hound::WavReader::open(path).unwrap();
     r.samples::<i16>().flat_map(|s| s.unwrap().to_le_bytes()).collect()
 }
+
+/// hark's default voice (Piper `en_US-joe-medium` from vendor/, as scripts/setup fetches it).
+#[allow(dead_code)]
+pub fn piper_voice() -> hark::speech::piper::PiperVoice {
+    hark::speech::piper::PiperVoice::load(&hark::speech::piper::PiperSettings {
+        onnxruntime_library: repo_root().join("vendor/libonnxruntime.so"),
+        model: repo_root().join("vendor/en_US-joe-medium.onnx"),
+        config: None,
+        espeak_program: "espeak-ng".into(),
+        length_scale: 1.0,
+        threads: 0,
+    })
+    .expect("the Piper voice: run scripts/setup, which fetches it")
+}
