@@ -173,8 +173,9 @@ pub struct AudioConfig {
     /// With both mic and speaker: `aec` (echo cancellation; the user can talk over the
     /// assistant), `half_duplex` (the microphone is ignored while it speaks) or `off`.
     pub echo_cancellation: EchoCancellation,
-    /// What the local session answers: `always` (every turn) or `wake_word` (only the
-    /// turn after the wake phrase; `audio.wake_word`).
+    /// What the local session answers: `always` (every turn), `wake_word` (only the
+    /// turn after the wake phrase; `audio.wake_word`) or `manual` (no turn detection:
+    /// an attached client commits the buffered audio, push-to-talk).
     pub activation: Activation,
     pub wake_word: WakeWordConfig,
 }
@@ -184,6 +185,7 @@ pub struct AudioConfig {
 pub enum Activation {
     Always,
     WakeWord,
+    Manual,
 }
 
 /// openWakeWord's models (code Apache-2.0; pretrained models CC BY-NC-SA 4.0).

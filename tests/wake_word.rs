@@ -258,3 +258,45 @@ fn the_gate_falls_asleep_after_listen_without_speech() {
         std::thread::yield_now();
     }
 }
+
+/// `activation: manual` (push-to-talk): speech alone starts nothing; the attached
+/// client's commit and response.create make the turn, with the spoken audio in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_activation_waits_for_the_clients_commit() {
+    let model = ScriptedModel::start().await;
+    let mut cfg = test_config(&model.base_url());
+    cfg.audio.activation = hark::config::Activation::Manual;
+    let state = hark::server::AppState::from_config(cfg).await.unwrap();
+    let (mic_tx, mic_rx) = mpsc::channel(256);
+    let output = LocalOutput { speaker: None, echo: hark::config::EchoCancellation::Off, echo_stats: None, wake: None };
+    let local = LocalSession::start(state.deps.clone(), mic_rx, Box::new(()), output, state.shutdown.clone());
+    local.use_manual_turns().unwrap();
+    let (_, mut rx) = local.attach().await.expect("the local session started");
+
+    let speech = tokio::task::spawn_blocking(|| espeak_16k("What time is it?")).await.unwrap();
+    speak(&mic_tx, &padded(&speech, 0.3, 1.5)).await;
+    let mut heard = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        heard.push(ev);
+    }
+    let turn_events = |evs: &[ServerEvent]| {
+        evs.iter().any(|e| {
+            matches!(e, ServerEvent::InputAudioBufferSpeechStarted { .. } | ServerEvent::InputAudioBufferCommitted { .. } | ServerEvent::ResponseCreated { .. })
+        })
+    };
+    assert!(!turn_events(&heard), "speech made a turn without the client: {}", names(&heard));
+
+    for event in [r#"{"type":"input_audio_buffer.commit"}"#, r#"{"type":"response.create"}"#] {
+        let envelope = hark::protocol::parse_client_event(event).unwrap();
+        local.input().send(hark::session::SessionInput::Client(envelope)).await.unwrap();
+    }
+    let turn = events_until(&mut rx, 30, |e| matches!(e, ServerEvent::ResponseDone { .. })).await;
+    assert!(names(&turn).contains("input_audio_buffer.committed"), "{}", names(&turn));
+    let reqs = model.wait_requests(1).await;
+    let user = reqs[0]["messages"].as_array().unwrap().iter().rev().find(|m| m["role"] == "user").unwrap();
+    let audio = user["content"][0]["input_audio"]["data"].as_str().expect("the buffered audio reached the model");
+    let turn_ms = audio.len() as f64 * 3.0 / 4.0 / 32.0;
+    let spoken_ms = speech.len() as f64 / 16.0;
+    assert!(turn_ms >= spoken_ms, "committed {turn_ms:.0} ms of audio for {spoken_ms:.0} ms of speech");
+    state.shutdown.cancel();
+}

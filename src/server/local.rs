@@ -185,6 +185,16 @@ impl LocalSession {
         Some((info.await.ok()?, rx))
     }
 
+    /// `audio.activation: manual`: the session detects no turns; the microphone's audio
+    /// collects in the input buffer (bounded by `audio.max_buffer_seconds`) until an
+    /// attached client commits it and asks for a response — push-to-talk, as a Realtime
+    /// session with `turn_detection: null` works. Call right after [`Self::start`].
+    pub fn use_manual_turns(&self) -> anyhow::Result<()> {
+        let update = r#"{"type":"session.update","session":{"type":"realtime","audio":{"input":{"turn_detection":null}}}}"#;
+        let envelope = crate::protocol::parse_client_event(update).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        self.input.try_send(SessionInput::Client(envelope)).map_err(|e| anyhow::anyhow!("the local session did not take manual turns: {e}"))
+    }
+
     /// Where attached clients send their events.
     pub fn input(&self) -> mpsc::Sender<SessionInput> {
         self.input.clone()

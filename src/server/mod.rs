@@ -174,9 +174,14 @@ fn start_local_session(config: &Config, deps: Arc<SessionDeps>, shutdown: Cancel
     let wake = match config.audio.activation {
         crate::config::Activation::Always => None,
         crate::config::Activation::WakeWord => Some(load_wake_word(config)?),
+        crate::config::Activation::Manual => None,
     };
     let output = local::LocalOutput { speaker, echo: echo_mode, echo_stats, wake };
-    Ok(local::LocalSession::start(deps, rx, Box::new(microphone), output, shutdown))
+    let session = local::LocalSession::start(deps, rx, Box::new(microphone), output, shutdown);
+    if config.audio.activation == crate::config::Activation::Manual {
+        session.use_manual_turns()?;
+    }
+    Ok(session)
 }
 
 /// `audio.activation: wake_word`: openWakeWord's models, loaded (and run once) now.
