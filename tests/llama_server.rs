@@ -133,18 +133,12 @@ impl LlamaServer {
 
     /// llama.cpp's greedy continuation of `prompt` (ids, read as they are), GREEDY_STEPS long.
     async fn greedy(&self, prompt: &[u32]) -> Vec<u32> {
-        let r: Value = reqwest::Client::new()
-            .post(format!("{}/completion", self.base_url()))
-            .json(&json!({
+        let r = self
+            .post("/completion", json!({
                 "prompt": prompt, "n_predict": GREEDY_STEPS, "temperature": 0.0, "top_k": 1, "samplers": ["top_k"],
                 "cache_prompt": false, "return_tokens": true,
             }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(r["tokens_evaluated"], prompt.len(), "llama.cpp must read exactly the prompt's ids (no extra BOS): {r}");
         let ids: Vec<u32> = r["tokens"].as_array().unwrap_or_else(|| panic!("no tokens in {r}")).iter().map(|t| t.as_u64().unwrap() as u32).collect();
         assert_eq!(ids.len(), GREEDY_STEPS, "llama.cpp stopped early ({}): {r}", r["stop_type"]);
@@ -162,16 +156,14 @@ impl LlamaServer {
         }
         w.finalize().unwrap();
         let part = json!({"type": "input_audio", "input_audio": {"data": b64(&wav.into_inner()), "format": "wav"}});
-        let r: Value = reqwest::Client::new()
-            .post(format!("{}/v1/chat/completions", self.base_url()))
-            .json(&json!({"model": "tiny", "max_tokens": 1, "messages": [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": [part]}]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r = self.post("/v1/chat/completions", json!({"model": "tiny", "max_tokens": 1, "messages": [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": [part]}]})).await;
         r["usage"]["prompt_tokens"].as_u64().unwrap_or_else(|| panic!("no usage from llama.cpp: {r}"))
+    }
+
+    /// POSTs `body` to llama-server's `path`; its JSON answer.
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let r = reqwest::Client::new().post(format!("{}{path}", self.base_url())).json(&body).send().await.unwrap();
+        r.json().await.unwrap()
     }
 
     fn log(&self) -> String {
@@ -270,7 +262,6 @@ async fn hark_and_llama_cpp_agree_and_audio_reaches_llama_cpp() {
     let (model, mmproj) = converted_checkpoint(&ckpt);
     eprintln!("converted in {:.1} s", t0.elapsed().as_secs_f32());
     let llama = LlamaServer::start(&model, &mmproj, dir.path().join("llama-server.log")).await;
-    let http = reqwest::Client::new();
 
     // ── The same greedy tokens for the same prompt ──
     let tokenizer = hark::model::gemma4::tokenizer::Gemma4Tokenizer::from_file(&ckpt.join("tokenizer.json")).unwrap();
@@ -278,15 +269,7 @@ async fn hark_and_llama_cpp_agree_and_audio_reaches_llama_cpp() {
     let mut prompt = vec![2u32]; // <bos>
     prompt.extend(tokenizer.encode(text).unwrap());
     // The same text gives the same ids on both sides (so ids stand for the text below).
-    let tokenized: Value = http
-        .post(format!("{}/tokenize", llama.base_url()))
-        .json(&json!({"content": text, "add_special": false}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tokenized = llama.post("/tokenize", json!({"content": text, "add_special": false})).await;
     assert_eq!(tokenized["tokens"], json!(prompt[1..]), "llama.cpp tokenized {text:?} differently");
     let theirs = llama.greedy(&prompt).await;
     let ours = hark_greedy(&ckpt, &prompt, GREEDY_STEPS);

@@ -381,9 +381,20 @@ pub(super) fn offset(r: crate::media::VadReading, base: u64) -> crate::media::Va
 /// runtime worker for about a second, so above 1 MiB the worker is handed over to
 /// blocking work while other tasks move to the remaining workers.
 pub(super) fn run_heavy<T>(bytes: usize, f: impl FnOnce() -> T) -> T {
+    if bytes > 1024 * 1024 {
+        off_the_runtime(f)
+    } else {
+        f()
+    }
+}
+
+/// Runs `f`, which computes for milliseconds, handing this runtime worker over to it
+/// (other tasks move to the remaining workers); on a single-threaded runtime, where
+/// that is impossible, just runs it.
+pub(crate) fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if bytes > 1024 * 1024 && multi_thread {
+    if multi_thread {
         tokio::task::block_in_place(f)
     } else {
         f()

@@ -19,6 +19,7 @@ mod camera;
 pub mod conversation;
 mod dispatch;
 mod input;
+pub(crate) use input::off_the_runtime;
 mod items;
 pub mod response;
 mod rolling;
